@@ -1,0 +1,75 @@
+"""Variable-resolution towers (Qwen2.5-VL, Qwen3-VL, GLM-4V): many images packed into one forward.
+
+Each image keeps its own attention sequence (cu_seqlens inside the transformers model), so a packed
+batch equals the per-image forwards; batches are bounded by a token budget, not an image count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from encoders._base import EmbedOptions, Prepared, TowerOutput
+from encoders._tower import TowerEncoder, prepared_from, processor_inputs
+
+
+def block_to_row_major(x: torch.Tensor, t: int, h: int, w: int, m: int) -> torch.Tensor:
+    """Pre-merger states come in m x m block order (the processor's layout); users want row-major."""
+    d = x.shape[-1]
+    return x.reshape(t, h // m, w // m, m, m, d).permute(0, 1, 3, 2, 4, 5).reshape(t * h * w, d)
+
+
+class PackedTowerEncoder(TowerEncoder):
+    """Shared forward for towers taking (pixel_values (seq, C*T*P*P), grid_thw) and merging m x m tokens."""
+
+    @property
+    def merge(self) -> int:
+        return int(self.model.config.spatial_merge_size)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.out_hidden_size)
+
+    def preprocess_image(self, image: Any) -> Prepared:
+        out = processor_inputs(self.processor, image)
+        t, h, w = (int(v) for v in out["image_grid_thw"][0])
+        return prepared_from(out["pixel_values"], image, (t, h, w), t * h * w)
+
+    def num_tokens(self, height: int, width: int, *, merged: bool = True) -> int:
+        n = int(self.processor.get_number_of_image_patches(height, width))
+        return n // self.merge**2 if merged else n
+
+    def pre_merger_states(self, out: Any, grid_thw: torch.Tensor) -> torch.Tensor:
+        """(seq, hidden) states before the merger, in the processor's block order."""
+        return out.last_hidden_state
+
+    def run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, opts: EmbedOptions) -> Any:
+        return self.model(pixel_values, grid_thw=grid_thw)
+
+    def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
+        thw_list = [p.grid_thw for p in batch]
+        pixels = torch.from_numpy(np.concatenate([p.pixel_values for p in batch]))
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        grid_thw = torch.tensor(thw_list, dtype=torch.long, device=self.device)
+        m = self.merge
+        with torch.inference_mode():
+            out = self.run_tower(pixels, grid_thw, opts)
+            merged_counts = [t * h * w // (m * m) for t, h, w in thw_list]
+            if opts.patch_level == "merged":
+                tokens = torch.split(out.pooler_output.float().cpu(), merged_counts)
+                grids = [(h // m, w // m) for _, h, w in thw_list]
+            else:
+                states = self.pre_merger_states(out, grid_thw).float().cpu()
+                parts = torch.split(states, [t * h * w for t, h, w in thw_list])
+                tokens = [block_to_row_major(x, *thw, m) for x, thw in zip(parts, thw_list, strict=True)]
+                grids = [(h, w) for _, h, w in thw_list]
+            extras = self.extras(out, merged_counts, opts)
+        return [
+            TowerOutput(tokens=tok, grid=grid, extras={k: v[i] for k, v in extras.items()})
+            for i, (tok, grid) in enumerate(zip(tokens, grids, strict=True))
+        ]
+
+    def extras(self, out: Any, merged_counts: list[int], opts: EmbedOptions) -> dict[str, list[torch.Tensor]]:
+        return {}

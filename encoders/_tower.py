@@ -1,0 +1,200 @@
+"""One transformers vision tower behind the Encoder contract: loading, saving and tiny checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from transformers.utils import logging as hf_logging
+
+from encoders._base import Encoder, Prepared, config_hash, resolve_device, resolve_dtype
+from encoders._weights import (
+    INDEX_FILE,
+    CheckpointError,
+    check_loading_info,
+    open_checkpoint,
+    read_tower_tensors,
+    tensors_revision,
+)
+
+TOWERFLOW_FILE = "towerflow.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+_PROCESSOR_META_KEYS = ("image_processor_type", "processor_class", "auto_map", "_processor_class")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints a load report and a progress bar per load; actors load often."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+class TowerEncoder(Encoder):
+    """Subclasses name the transformers classes and the checkpoint conventions of their family."""
+
+    config_class: ClassVar[type]
+    model_class: ClassVar[type]
+    processor_class: ClassVar[type]
+    model_types: ClassVar[tuple[str, ...]]  # accepted config.json model_type values
+    vision_prefixes: ClassVar[tuple[str, ...]]  # tower prefixes inside a full checkpoint, most specific first
+    vlm_model_type: ClassVar[str]
+    vlm_architecture: ClassVar[str]
+    vlm_prefix: ClassVar[str]  # the prefix used by the released checkpoints of this family
+
+    def __init__(self, model: torch.nn.Module, processor: Any, *, device: torch.device, revision: str):
+        self.model = model.eval()
+        self.processor = processor
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.revision = revision
+        self.preprocess_hash = config_hash(self.processor_config())
+
+    # -- family hooks ------------------------------------------------------------------------------
+    @classmethod
+    def tiny_config(cls) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_processor_kwargs(cls) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def default_processor_kwargs(cls) -> dict[str, Any]:
+        """The released model's preprocessing, used when a checkpoint ships no preprocessor_config.json."""
+        raise NotImplementedError
+
+    @classmethod
+    def processor_overrides(cls, **overrides: Any) -> dict[str, Any]:
+        """User overrides (min_pixels, max_pixels, ...) in the processor's own keyword names."""
+        if overrides:
+            raise TypeError(f"{cls.name} takes no preprocessing overrides, got {', '.join(overrides)}")
+        return {}
+
+    # -- loading -----------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        weights: Any,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        storage_options: dict | None = None,
+        attn_implementation: str | None = None,
+        **preprocess: Any,
+    ) -> TowerEncoder:
+        ckpt = open_checkpoint(weights, storage_options)
+        config_dict = ckpt.read_json("config.json")
+        if config_dict is None:
+            raise CheckpointError(f"{ckpt.location}: no config.json")
+        model_type = config_dict.get("model_type")
+        if model_type not in cls.model_types:
+            raise CheckpointError(
+                f"{ckpt.location}: config.json is a {model_type!r} model; {cls.name} expects {' or '.join(cls.model_types)}"
+            )
+        config = cls.config_class.from_dict(dict(config_dict.get("vision_config", config_dict)))
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        tensors = read_tower_tensors(ckpt, cls.vision_prefixes)
+        if not tensors:
+            raise CheckpointError(f"{ckpt.location}: no tensors of the {cls.name} vision tower found")
+        revision = tensors_revision(tensors)
+        dev = resolve_device(device)
+        with _quiet_transformers():
+            model, info = cls.model_class.from_pretrained(
+                None, config=config, state_dict=tensors, dtype=resolve_dtype(dtype, dev),
+                output_loading_info=True, ignore_mismatched_sizes=True,
+            )  # fmt: skip
+        del tensors
+        check_loading_info(info, ckpt.location)
+        processor_kwargs = ckpt.read_json(PREPROCESSOR_FILE) or cls.default_processor_kwargs()
+        processor_kwargs = {k: v for k, v in processor_kwargs.items() if k not in _PROCESSOR_META_KEYS}
+        processor_kwargs.update(cls.processor_overrides(**preprocess))
+        processor = cls.processor_class(**processor_kwargs)
+        return cls(model.to(dev), processor, device=dev, revision=revision)
+
+    def processor_config(self) -> dict[str, Any]:
+        return json.loads(self.processor.to_json_string())
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """A vision-only checkpoint that `encoders.load(name, weights=directory)` reads back."""
+        _write_vision_checkpoint(Path(directory), self.name, self.model, self.processor)
+
+    @classmethod
+    def write_tiny_checkpoint(cls, directory: str | os.PathLike, layout: str = "vision", seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        model = cls.model_class._from_config(cls.tiny_config()).eval()
+        processor = cls.processor_class(**cls.tiny_processor_kwargs())
+        if layout == "vision":
+            _write_vision_checkpoint(Path(directory), cls.name, model, processor)
+        elif layout == "vlm":
+            cls._write_vlm_checkpoint(Path(directory), model, processor, seed)
+        else:
+            raise ValueError(f"unknown checkpoint layout {layout!r}; use 'vision' or 'vlm'")
+
+    @classmethod
+    def vlm_config_dict(cls, vision_config: Any) -> dict[str, Any]:
+        return {
+            "model_type": cls.vlm_model_type,
+            "architectures": [cls.vlm_architecture],
+            "vision_config": vision_config.to_dict(),
+            "text_config": {"hidden_size": 64, "vocab_size": 256, "num_hidden_layers": 1},
+        }
+
+    @classmethod
+    def _write_vlm_checkpoint(cls, directory: Path, model: torch.nn.Module, processor: Any, seed: int) -> None:
+        """The layout of a released VLM: config with vision_config, a vision shard and a language shard."""
+        directory.mkdir(parents=True, exist_ok=True)
+        gen = torch.Generator().manual_seed(seed + 1)
+        vision = {cls.vlm_prefix + k: v.contiguous() for k, v in model.state_dict().items()}
+        language = {
+            "model.language_model.embed_tokens.weight": torch.randn(256, 64, generator=gen),
+            "model.language_model.norm.weight": torch.ones(64),
+            "lm_head.weight": torch.randn(256, 64, generator=gen),
+        }
+        shards = {"model-00001-of-00002.safetensors": vision, "model-00002-of-00002.safetensors": language}
+        weight_map = {}
+        for fname, tensors in shards.items():
+            save_file(tensors, str(directory / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, fname))
+        (directory / "config.json").write_text(json.dumps(cls.vlm_config_dict(model.config), indent=2))
+        total = sum(t.numel() * t.element_size() for s in shards.values() for t in s.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        processor.to_json_file(str(directory / PREPROCESSOR_FILE))
+
+
+def _write_vision_checkpoint(directory: Path, name: str, model: torch.nn.Module, processor: Any) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        model.save_pretrained(str(directory), safe_serialization=True)
+    processor.to_json_file(str(directory / PREPROCESSOR_FILE))
+    (directory / TOWERFLOW_FILE).write_text(json.dumps({"encoder": name, "layout": "vision"}) + "\n")
+
+
+def processor_inputs(processor: Any, image: Any) -> dict[str, np.ndarray]:
+    """The model's own image processor on one RGB image, as numpy."""
+    out = processor(images=[image], return_tensors="np")
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def prepared_from(pixel_values: np.ndarray, image: Any, grid_thw: tuple[int, int, int] | None, seq_len: int) -> Prepared:
+    return Prepared(
+        pixel_values=np.ascontiguousarray(pixel_values, dtype=np.float32),
+        grid_thw=grid_thw,
+        width=image.width,
+        height=image.height,
+        seq_len=seq_len,
+    )

@@ -1,0 +1,145 @@
+"""Qwen2.5-VL + DINOv2 on the same decoded image, fused by a gating network into one vector.
+
+Semantics from Qwen (language-aligned) and geometry from DINOv2 (self-supervised); the gate decides
+per image how much of each. Without trained fusion weights the fused vector is the concatenation of
+the two L2-normalised pooled vectors (equal weights, reported as 0.5/0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from encoders._base import EmbedOptions, Encoder, Prepared, TowerOutput, config_hash, plan_batches, pool
+from encoders._registry import register_encoder
+from encoders._tower import TOWERFLOW_FILE
+from encoders._weights import open_checkpoint, tensors_revision
+from encoders.dinov2 import Dinov2Encoder
+from encoders.qwen2_5_vl import Qwen25VLEncoder
+
+FUSION_FILE = "fusion.safetensors"
+PARTS = ("qwen2_5_vl", "dinov2")
+
+
+class GatedFusion(torch.nn.Module):
+    """Project both pooled vectors to `dim`, gate them with per-image softmax weights, sum."""
+
+    def __init__(self, dim_a: int, dim_b: int, dim: int):
+        super().__init__()
+        self.proj_a = torch.nn.Linear(dim_a, dim)
+        self.proj_b = torch.nn.Linear(dim_b, dim)
+        self.gate = torch.nn.Sequential(torch.nn.Linear(2 * dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, 2))
+        self.dim = dim
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> GatedFusion:
+        dim, dim_a = state["proj_a.weight"].shape
+        module = cls(dim_a, state["proj_b.weight"].shape[1], dim)
+        module.load_state_dict(state)
+        return module.eval()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pa, pb = self.proj_a(a), self.proj_b(b)
+        weights = torch.softmax(self.gate(torch.cat([pa, pb], dim=-1)), dim=-1)
+        return weights[:, :1] * pa + weights[:, 1:] * pb, weights
+
+
+def _forward_grouped(enc: Encoder, prepared: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
+    """One forward per stackable group (DINOv2 without crop cannot stack mixed sizes)."""
+    outs: list[TowerOutput | None] = [None] * len(prepared)
+    for idx in plan_batches([1] * len(prepared), len(prepared) or 1, [enc.batch_key(p) for p in prepared]):
+        for i, o in zip(idx, enc.forward([prepared[i] for i in idx], opts), strict=True):
+            outs[i] = o
+    return outs  # type: ignore[return-value]
+
+
+@register_encoder("dual")
+class DualEncoder(Encoder):
+    default_pooling = "mean"
+    has_merger = False  # the fused vector is defined on Qwen's merged tokens only
+
+    def __init__(self, qwen: Qwen25VLEncoder, dino: Dinov2Encoder, fusion: GatedFusion | None, fusion_rev: str):
+        self.qwen, self.dino, self.fusion = qwen, dino, fusion
+        self.device, self.dtype = qwen.device, qwen.dtype
+        self.revision = config_hash([qwen.revision, dino.revision, fusion_rev])
+        self.preprocess_hash = config_hash([qwen.preprocess_hash, dino.preprocess_hash])
+
+    @classmethod
+    def load(cls, weights: Any, *, storage_options: dict | None = None, **kwargs: Any) -> DualEncoder:
+        """WEIGHTS: a directory with qwen2_5_vl/, dinov2/ and optional fusion.safetensors, or a dict of them."""
+        paths = dict(weights) if isinstance(weights, dict) else {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
+        tower_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "dtype", "attn_implementation")}
+        qwen = Qwen25VLEncoder.load(paths["qwen2_5_vl"], storage_options=storage_options, **kwargs)
+        dino = Dinov2Encoder.load(paths["dinov2"], storage_options=storage_options, **tower_kwargs)
+        fusion, fusion_rev = None, "concat"
+        if isinstance(weights, dict):
+            fusion_path = weights.get("fusion")
+            fusion_file = os.fspath(fusion_path) if fusion_path else None
+        else:
+            ckpt = open_checkpoint(weights, storage_options)
+            fusion_file = ckpt.local_file(FUSION_FILE) if ckpt.exists(FUSION_FILE) else None
+        if fusion_file:
+            state = load_file(fusion_file)
+            fusion, fusion_rev = GatedFusion.from_state_dict(state), tensors_revision(state)
+        return cls(qwen, dino, fusion, fusion_rev)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        root = Path(directory)
+        self.qwen.save(root / "qwen2_5_vl")
+        self.dino.save(root / "dinov2")
+        if self.fusion is not None:
+            save_file({k: v.contiguous() for k, v in self.fusion.state_dict().items()}, str(root / FUSION_FILE))
+        (root / TOWERFLOW_FILE).write_text(json.dumps({"encoder": "dual", "fused": self.fusion is not None}) + "\n")
+
+    @classmethod
+    def write_tiny_checkpoint(
+        cls, directory: str | os.PathLike, layout: str = "vision", seed: int = 0, fusion_dim: int | None = 40
+    ) -> None:
+        root = Path(directory)
+        Qwen25VLEncoder.write_tiny_checkpoint(root / "qwen2_5_vl", layout, seed)
+        Dinov2Encoder.write_tiny_checkpoint(root / "dinov2", layout, seed + 7)
+        if fusion_dim:
+            torch.manual_seed(seed + 13)
+            dims = (Qwen25VLEncoder.tiny_config().out_hidden_size, Dinov2Encoder.tiny_config().hidden_size)
+            module = GatedFusion(*dims, fusion_dim)
+            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(root / FUSION_FILE))
+        (root / TOWERFLOW_FILE).write_text(json.dumps({"encoder": "dual", "fused": bool(fusion_dim)}) + "\n")
+
+    @property
+    def dim(self) -> int:
+        return self.fusion.dim if self.fusion is not None else self.qwen.dim + self.dino.dim
+
+    def num_tokens(self, height: int, width: int, *, merged: bool = True) -> int:
+        return self.qwen.num_tokens(height, width, merged=merged)
+
+    def preprocess_image(self, image: Any) -> Prepared:
+        q, d = self.qwen.preprocess_image(image), self.dino.preprocess_image(image)
+        return Prepared(q.pixel_values[:0], None, q.width, q.height, q.seq_len + d.seq_len, {"qwen2_5_vl": q, "dinov2": d})
+
+    def fuse(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fusion is None:
+            fused = torch.cat([F.normalize(q, dim=-1), F.normalize(d, dim=-1)], dim=-1)
+            return fused, torch.full((len(q), 2), 0.5)
+        with torch.inference_mode():
+            return self.fusion(q, d)
+
+    def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
+        q_opts = EmbedOptions(opts.pooling if opts.pooling in ("mean", "max") else "mean")
+        q_out = self.qwen.forward([p.parts["qwen2_5_vl"] for p in batch], q_opts)
+        d_out = _forward_grouped(self.dino, [p.parts["dinov2"] for p in batch], EmbedOptions("cls"))
+        fused, weights = self.fuse(
+            torch.stack([pool(o, q_opts.pooling) for o in q_out]), torch.stack([o.cls for o in d_out])
+        )
+        return [
+            TowerOutput(
+                tokens=q.tokens, grid=q.grid, pooled=fused[i], fusion=weights[i],
+                extras={"dinov2_patches": d.tokens, "dinov2_grid": d.grid},
+            )  # fmt: skip
+            for i, (q, d) in enumerate(zip(q_out, d_out, strict=True))
+        ]

@@ -1,0 +1,1 @@
+"""Units of work composed by the flows: plan, decode, embed, commit, index, report."""
