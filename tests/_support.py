@@ -1,0 +1,21 @@
+"""Helpers shared by tests (importable: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+ENCODERS = ("qwen2_5_vl", "qwen3_vl", "glm4v", "dinov2", "dual")
+TOWERS = ("qwen2_5_vl", "qwen3_vl", "glm4v", "dinov2")
+PACKED = ("qwen2_5_vl", "qwen3_vl", "glm4v")
+
+
+def smooth_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    """A photo-like image (gradients + a disc), not noise: resampling differences stay realistic."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    c = rng.uniform(0.2, 0.8, size=(3, 3))
+    arr = np.stack([c[i, 0] * x / width + c[i, 1] * y / height + c[i, 2] * np.sin(x / 7 + i) for i in range(3)], -1)
+    cy, cx, r = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width, min(height, width) / 4
+    arr[(y - cy) ** 2 + (x - cx) ** 2 < r * r] *= 0.3
+    return Image.fromarray(np.clip(arr / arr.max() * 255, 0, 255).astype(np.uint8))

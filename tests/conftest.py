@@ -1,0 +1,56 @@
+"""Shared fixtures: a sandboxed environment, tiny random-weight checkpoints, varied test images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from _support import smooth_image
+from PIL import Image
+
+import encoders
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sandbox(tmp_path_factory: pytest.TempPathFactory):
+    """Nothing a test does may write to the home directory or reach the network."""
+    root = tmp_path_factory.mktemp("sandbox")
+    env = {
+        "TOWERFLOW_CACHE": str(root / "cache"),
+        "HF_HOME": str(root / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_HOME": str(root / "prefect"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """checkpoint(name, layout='vision', seed=0) -> a tiny checkpoint directory, built once per session."""
+    made: dict[tuple[str, str, int], Path] = {}
+
+    def get(name: str, layout: str = "vision", seed: int = 0) -> Path:
+        key = (name, layout, seed)
+        if key not in made:
+            made[key] = encoders.make_checkpoint(name, tmp_path_factory.mktemp(f"{name}-{layout}-{seed}"), layout, seed)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    """Three sizes and aspect ratios: landscape, tall, small square."""
+    return [smooth_image(120, 200, 1), smooth_image(300, 90, 2), smooth_image(64, 64, 3)]
