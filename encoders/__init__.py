@@ -31,7 +31,9 @@ __all__ = [
 ]
 
 
-def load(name: str, weights: Any, *, device: str | None = None, dtype: str | None = None, **kwargs: Any) -> Encoder:
+def load(
+    name: str, weights: Any, *, device: str | None = None, dtype: str | None = None, **kwargs: Any
+) -> Encoder:
     """Load encoder NAME from a local directory, fsspec URL or hub id (vision-only or full-VLM layout).
 
     kwargs: storage_options (fsspec), attn_implementation, and preprocessing overrides

@@ -120,9 +120,7 @@ def pool(out: TowerOutput, pooling: str) -> torch.Tensor | None:
     return None
 
 
-def plan_batches(
-    costs: Sequence[int], budget: int, keys: Sequence[Any] | None = None
-) -> list[list[int]]:
+def plan_batches(costs: Sequence[int], budget: int, keys: Sequence[Any] | None = None) -> list[list[int]]:
     """Group indices so each batch's token cost stays within budget (an oversize image goes alone).
 
     Items with different keys (e.g. tensor shapes that cannot be stacked) never share a batch.
@@ -143,7 +141,7 @@ def plan_batches(
 
 
 class Encoder:
-    """Base class: subclasses implement `preprocess_image`, `forward`, `num_tokens`, `dim`, loading and saving."""
+    """Base class: families implement preprocess_image, forward, num_tokens, dim, load and save."""
 
     name: ClassVar[str] = ""
     default_pooling: ClassVar[str] = "mean"
@@ -185,7 +183,12 @@ class Encoder:
         return None
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "revision": self.revision, "preprocess": self.preprocess_hash}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "revision": self.revision,
+            "preprocess": self.preprocess_hash,
+        }
 
     # -- shared machinery --------------------------------------------------------------------------
     def preprocess(self, image: Any, storage_options: dict | None = None) -> Prepared:
@@ -238,19 +241,25 @@ class Encoder:
         self, prepared: Sequence[Prepared], opts: EmbedOptions, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
     ) -> EmbedResult:
         outputs: list[TowerOutput | None] = [None] * len(prepared)
-        batches = plan_batches([p.seq_len for p in prepared], batch_tokens, [self.batch_key(p) for p in prepared])
+        batches = plan_batches(
+            [p.seq_len for p in prepared], batch_tokens, [self.batch_key(p) for p in prepared]
+        )
         for idx in batches:
             for i, out in zip(idx, self.forward([prepared[i] for i in idx], opts), strict=True):
                 outputs[i] = out
         return self.assemble(outputs, prepared, opts)
 
-    def assemble(self, outputs: Sequence[TowerOutput], prepared: Sequence[Prepared], opts: EmbedOptions) -> EmbedResult:
+    def assemble(
+        self, outputs: Sequence[TowerOutput], prepared: Sequence[Prepared], opts: EmbedOptions
+    ) -> EmbedResult:
         pooled = None
         if opts.pooling != "none" and outputs:
             pooled = convert(torch.stack([pool(o, opts.pooling) for o in outputs]).float(), opts.output)
         elif opts.pooling != "none":
             pooled = convert(torch.empty(0, self.dim), opts.output)
-        patches = [convert(o.tokens.to(opts.patch_dtype), opts.output) for o in outputs] if opts.patches else []
+        patches = (
+            [convert(o.tokens.to(opts.patch_dtype), opts.output) for o in outputs] if opts.patches else []
+        )
         extras: dict[str, list[Any]] = {}
         for o in outputs:
             for k, v in o.extras.items():
@@ -265,5 +274,3 @@ class Encoder:
             extras=extras,
             fusion_weights=convert(torch.stack(fusion), opts.output) if fusion else None,
         )
-
-

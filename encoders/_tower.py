@@ -101,7 +101,8 @@ class TowerEncoder(Encoder):
         model_type = config_dict.get("model_type")
         if model_type not in cls.model_types:
             raise CheckpointError(
-                f"{ckpt.location}: config.json is a {model_type!r} model; {cls.name} expects {' or '.join(cls.model_types)}"
+                f"{ckpt.location}: config.json is a {model_type!r} model; "
+                f"{cls.name} expects {' or '.join(cls.model_types)}"
             )
         config = cls.config_class.from_dict(dict(config_dict.get("vision_config", config_dict)))
         if attn_implementation:
@@ -113,9 +114,13 @@ class TowerEncoder(Encoder):
         dev = resolve_device(device)
         with _quiet_transformers():
             model, info = cls.model_class.from_pretrained(
-                None, config=config, state_dict=tensors, dtype=resolve_dtype(dtype, dev),
-                output_loading_info=True, ignore_mismatched_sizes=True,
-            )  # fmt: skip
+                None,
+                config=config,
+                state_dict=tensors,
+                dtype=resolve_dtype(dtype, dev),
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
         del tensors
         check_loading_info(info, ckpt.location)
         processor_kwargs = ckpt.read_json(PREPROCESSOR_FILE) or cls.default_processor_kwargs()
@@ -133,7 +138,9 @@ class TowerEncoder(Encoder):
         _write_vision_checkpoint(Path(directory), self.name, self.model, self.processor)
 
     @classmethod
-    def write_tiny_checkpoint(cls, directory: str | os.PathLike, layout: str = "vision", seed: int = 0) -> None:
+    def write_tiny_checkpoint(
+        cls, directory: str | os.PathLike, layout: str = "vision", seed: int = 0
+    ) -> None:
         torch.manual_seed(seed)
         model = cls.model_class._from_config(cls.tiny_config()).eval()
         processor = cls.processor_class(**cls.tiny_processor_kwargs())
@@ -154,7 +161,9 @@ class TowerEncoder(Encoder):
         }
 
     @classmethod
-    def _write_vlm_checkpoint(cls, directory: Path, model: torch.nn.Module, processor: Any, seed: int) -> None:
+    def _write_vlm_checkpoint(
+        cls, directory: Path, model: torch.nn.Module, processor: Any, seed: int
+    ) -> None:
         """The layout of a released VLM: config with vision_config, a vision shard and a language shard."""
         directory.mkdir(parents=True, exist_ok=True)
         gen = torch.Generator().manual_seed(seed + 1)
@@ -190,7 +199,9 @@ def processor_inputs(processor: Any, image: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def prepared_from(pixel_values: np.ndarray, image: Any, grid_thw: tuple[int, int, int] | None, seq_len: int) -> Prepared:
+def prepared_from(
+    pixel_values: np.ndarray, image: Any, grid_thw: tuple[int, int, int] | None, seq_len: int
+) -> Prepared:
     return Prepared(
         pixel_values=np.ascontiguousarray(pixel_values, dtype=np.float32),
         grid_thw=grid_thw,

@@ -143,7 +143,12 @@ def check_loading_info(info: dict, where: str) -> None:
     """
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(info.get("unexpected_keys", ()))
-    wrong = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    wrong = sorted(
+        f"{k[0]}: checkpoint {tuple(k[1])} vs model {tuple(k[2])}"
+        if isinstance(k, tuple) and len(k) == 3
+        else str(k)
+        for k in info.get("mismatched_keys", ())
+    )
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing tensor(s), e.g. {', '.join(missing[:3])}")

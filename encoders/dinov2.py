@@ -40,15 +40,24 @@ class Dinov2Encoder(TowerEncoder):
 
     @classmethod
     def default_processor_kwargs(cls) -> dict[str, Any]:
-        return {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True,
-                "resample": 3, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}  # fmt: skip
+        return {
+            "size": {"shortest_edge": 256},
+            "crop_size": {"height": 224, "width": 224},
+            "do_center_crop": True,
+            "resample": 3,
+            "image_mean": IMAGENET_MEAN,
+            "image_std": IMAGENET_STD,
+        }
 
     @classmethod
     def processor_overrides(cls, crop_size: int | None = None) -> dict[str, Any]:
         """`crop_size=S` keeps DINOv2's 256/224 resize-to-crop ratio at another resolution."""
         if crop_size is None:
             return {}
-        return {"size": {"shortest_edge": round(crop_size * 256 / 224)}, "crop_size": {"height": crop_size, "width": crop_size}}
+        return {
+            "size": {"shortest_edge": round(crop_size * 256 / 224)},
+            "crop_size": {"height": crop_size, "width": crop_size},
+        }
 
     @classmethod
     def vlm_config_dict(cls, vision_config: Any) -> dict[str, Any]:

@@ -34,7 +34,9 @@ class GatedFusion(torch.nn.Module):
         super().__init__()
         self.proj_a = torch.nn.Linear(dim_a, dim)
         self.proj_b = torch.nn.Linear(dim_b, dim)
-        self.gate = torch.nn.Sequential(torch.nn.Linear(2 * dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, 2))
+        self.gate = torch.nn.Sequential(
+            torch.nn.Linear(2 * dim, dim), torch.nn.GELU(), torch.nn.Linear(dim, 2)
+        )
         self.dim = dim
 
     @classmethod
@@ -64,7 +66,9 @@ class DualEncoder(Encoder):
     default_pooling = "mean"
     has_merger = False  # the fused vector is defined on Qwen's merged tokens only
 
-    def __init__(self, qwen: Qwen25VLEncoder, dino: Dinov2Encoder, fusion: GatedFusion | None, fusion_rev: str):
+    def __init__(
+        self, qwen: Qwen25VLEncoder, dino: Dinov2Encoder, fusion: GatedFusion | None, fusion_rev: str
+    ):
         self.qwen, self.dino, self.fusion = qwen, dino, fusion
         self.device, self.dtype = qwen.device, qwen.dtype
         self.revision = config_hash([qwen.revision, dino.revision, fusion_rev])
@@ -72,8 +76,12 @@ class DualEncoder(Encoder):
 
     @classmethod
     def load(cls, weights: Any, *, storage_options: dict | None = None, **kwargs: Any) -> DualEncoder:
-        """WEIGHTS: a directory with qwen2_5_vl/, dinov2/ and optional fusion.safetensors, or a dict of them."""
-        paths = dict(weights) if isinstance(weights, dict) else {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
+        """WEIGHTS: a directory holding qwen2_5_vl/, dinov2/ and optionally fusion.safetensors, or a dict."""
+        paths = (
+            dict(weights)
+            if isinstance(weights, dict)
+            else {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
+        )
         tower_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "dtype", "attn_implementation")}
         qwen = Qwen25VLEncoder.load(paths["qwen2_5_vl"], storage_options=storage_options, **kwargs)
         dino = Dinov2Encoder.load(paths["dinov2"], storage_options=storage_options, **tower_kwargs)
@@ -94,8 +102,12 @@ class DualEncoder(Encoder):
         self.qwen.save(root / "qwen2_5_vl")
         self.dino.save(root / "dinov2")
         if self.fusion is not None:
-            save_file({k: v.contiguous() for k, v in self.fusion.state_dict().items()}, str(root / FUSION_FILE))
-        (root / TOWERFLOW_FILE).write_text(json.dumps({"encoder": "dual", "fused": self.fusion is not None}) + "\n")
+            save_file(
+                {k: v.contiguous() for k, v in self.fusion.state_dict().items()}, str(root / FUSION_FILE)
+            )
+        (root / TOWERFLOW_FILE).write_text(
+            json.dumps({"encoder": "dual", "fused": self.fusion is not None}) + "\n"
+        )
 
     @classmethod
     def write_tiny_checkpoint(
@@ -120,7 +132,9 @@ class DualEncoder(Encoder):
 
     def preprocess_image(self, image: Any) -> Prepared:
         q, d = self.qwen.preprocess_image(image), self.dino.preprocess_image(image)
-        return Prepared(q.pixel_values[:0], None, q.width, q.height, q.seq_len + d.seq_len, {"qwen2_5_vl": q, "dinov2": d})
+        return Prepared(
+            q.pixel_values[:0], None, q.width, q.height, q.seq_len + d.seq_len, {"qwen2_5_vl": q, "dinov2": d}
+        )
 
     def fuse(self, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fusion is None:
@@ -138,8 +152,11 @@ class DualEncoder(Encoder):
         )
         return [
             TowerOutput(
-                tokens=q.tokens, grid=q.grid, pooled=fused[i], fusion=weights[i],
+                tokens=q.tokens,
+                grid=q.grid,
+                pooled=fused[i],
+                fusion=weights[i],
                 extras={"dinov2_patches": d.tokens, "dinov2_grid": d.grid},
-            )  # fmt: skip
+            )
             for i, (q, d) in enumerate(zip(q_out, d_out, strict=True))
         ]

@@ -27,21 +27,37 @@ class Glm4vEncoder(PackedTowerEncoder):
     @classmethod
     def tiny_config(cls) -> Glm4vVisionConfig:
         return Glm4vVisionConfig(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48, image_size=112,
-        )  # fmt: skip
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=48,
+            image_size=112,
+        )
 
     @classmethod
     def tiny_processor_kwargs(cls) -> dict[str, Any]:
-        return {**cls.processor_overrides(min_pixels=56 * 56, max_pixels=224 * 224),
-                "image_mean": CLIP_MEAN, "image_std": CLIP_STD}  # fmt: skip
+        return {
+            **cls.processor_overrides(min_pixels=56 * 56, max_pixels=224 * 224),
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+        }
 
     @classmethod
     def default_processor_kwargs(cls) -> dict[str, Any]:
-        return {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, "patch_size": 14,
-                "temporal_patch_size": 2, "merge_size": 2, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}  # fmt: skip
+        return {
+            "size": {"shortest_edge": 12544, "longest_edge": 9633792},
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+        }
 
     @classmethod
-    def processor_overrides(cls, min_pixels: int | None = None, max_pixels: int | None = None) -> dict[str, Any]:
+    def processor_overrides(
+        cls, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> dict[str, Any]:
         """GLM bounds pixels over (frames x h x w) with 2 frames per image; users mean pixels per image."""
         if min_pixels is None and max_pixels is None:
             return {}

@@ -14,9 +14,6 @@ from encoders._qwen_norms import CLIP_MEAN, CLIP_STD
 from encoders._registry import register_encoder
 
 
-
-
-
 @register_encoder("qwen2_5_vl")
 class Qwen25VLEncoder(PackedTowerEncoder):
     config_class = Qwen2_5_VLVisionConfig
@@ -31,21 +28,40 @@ class Qwen25VLEncoder(PackedTowerEncoder):
     @classmethod
     def tiny_config(cls) -> Qwen2_5_VLVisionConfig:
         return Qwen2_5_VLVisionConfig(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
-            window_size=56, fullatt_block_indexes=[1],
-        )  # fmt: skip
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=48,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
 
     @classmethod
     def tiny_processor_kwargs(cls) -> dict[str, Any]:
-        return {"min_pixels": 56 * 56, "max_pixels": 224 * 224, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+        return {
+            "min_pixels": 56 * 56,
+            "max_pixels": 224 * 224,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+        }
 
     @classmethod
     def default_processor_kwargs(cls) -> dict[str, Any]:
-        return {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-                "merge_size": 2, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}  # fmt: skip
+        return {
+            "min_pixels": 3136,
+            "max_pixels": 12845056,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+        }
 
     @classmethod
-    def processor_overrides(cls, min_pixels: int | None = None, max_pixels: int | None = None) -> dict[str, Any]:
+    def processor_overrides(
+        cls, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> dict[str, Any]:
         out = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         return {k: v for k, v in out.items() if v is not None}
 
@@ -53,7 +69,10 @@ class Qwen25VLEncoder(PackedTowerEncoder):
         """last_hidden_state comes back in window order; undo it per merge unit."""
         cfg = self.model.config
         window_index, _ = get_vision_window_index(
-            grid_thw, spatial_merge_size=cfg.spatial_merge_size, window_size=cfg.window_size, patch_size=cfg.patch_size
+            grid_thw,
+            spatial_merge_size=cfg.spatial_merge_size,
+            window_size=cfg.window_size,
+            patch_size=cfg.patch_size,
         )
         unit = cfg.spatial_merge_size**2
         states = out.last_hidden_state

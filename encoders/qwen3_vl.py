@@ -27,22 +27,40 @@ class Qwen3VLEncoder(PackedTowerEncoder):
     @classmethod
     def tiny_config(cls) -> Qwen3VLVisionConfig:
         return Qwen3VLVisionConfig(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
-            num_position_embeddings=64, deepstack_visual_indexes=[0],
-        )  # fmt: skip
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=48,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+        )
 
     @classmethod
     def tiny_processor_kwargs(cls) -> dict[str, Any]:
-        return {"patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                "min_pixels": 64 * 64, "max_pixels": 256 * 256}  # fmt: skip
+        return {
+            "patch_size": 16,
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+            "min_pixels": 64 * 64,
+            "max_pixels": 256 * 256,
+        }
 
     @classmethod
     def default_processor_kwargs(cls) -> dict[str, Any]:
-        return {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
-                "image_std": [0.5] * 3, "size": {"shortest_edge": 65536, "longest_edge": 16777216}}  # fmt: skip
+        return {
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+            "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+        }
 
     @classmethod
-    def processor_overrides(cls, min_pixels: int | None = None, max_pixels: int | None = None) -> dict[str, Any]:
+    def processor_overrides(
+        cls, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> dict[str, Any]:
         out = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         return {k: v for k, v in out.items() if v is not None}
 

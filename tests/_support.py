@@ -15,7 +15,9 @@ def smooth_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     c = rng.uniform(0.2, 0.8, size=(3, 3))
-    arr = np.stack([c[i, 0] * x / width + c[i, 1] * y / height + c[i, 2] * np.sin(x / 7 + i) for i in range(3)], -1)
+    arr = np.stack(
+        [c[i, 0] * x / width + c[i, 1] * y / height + c[i, 2] * np.sin(x / 7 + i) for i in range(3)], -1
+    )
     cy, cx, r = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width, min(height, width) / 4
     arr[(y - cy) ** 2 + (x - cx) ** 2 < r * r] *= 0.3
     return Image.fromarray(np.clip(arr / arr.max() * 255, 0, 255).astype(np.uint8))

@@ -13,7 +13,6 @@ from PIL import Image
 import encoders
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def _sandbox(tmp_path_factory: pytest.TempPathFactory):
     """Nothing a test does may write to the home directory or reach the network."""
@@ -44,7 +43,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
     def get(name: str, layout: str = "vision", seed: int = 0) -> Path:
         key = (name, layout, seed)
         if key not in made:
-            made[key] = encoders.make_checkpoint(name, tmp_path_factory.mktemp(f"{name}-{layout}-{seed}"), layout, seed)
+            made[key] = encoders.make_checkpoint(
+                name, tmp_path_factory.mktemp(f"{name}-{layout}-{seed}"), layout, seed
+            )
         return made[key]
 
     return get

@@ -1,4 +1,4 @@
-"""Checkpoints: vision-only and full-VLM layouts, both key prefixes, only vision shards opened, clear refusals."""
+"""Checkpoints: vision-only and full-VLM layouts, both key prefixes, vision shards only, clear refusals."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def test_both_key_layouts_in_the_wild(prefix, checkpoint, tmp_path, images):
     index_path = directory / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     index["weight_map"] = {
-        (prefix + k.removeprefix("visual.") if k.startswith("visual.") else k): v for k, v in index["weight_map"].items()
+        (prefix + k.removeprefix("visual.") if k.startswith("visual.") else k): v
+        for k, v in index["weight_map"].items()
     }
     index_path.write_text(json.dumps(index))
     enc = encoders.load("qwen2_5_vl", weights=directory)
@@ -134,7 +135,9 @@ def test_shape_mismatch_is_named(tmp_path, checkpoint):
 def test_missing_directory_and_unknown_name(tmp_path):
     with pytest.raises(CheckpointError, match="no such directory"):
         encoders.load("dinov2", weights=tmp_path / "nope")
-    with pytest.raises(UnknownEncoderError, match="registered encoders: dinov2, dual, glm4v, qwen2_5_vl, qwen3_vl"):
+    with pytest.raises(
+        UnknownEncoderError, match="registered encoders: dinov2, dual, glm4v, qwen2_5_vl, qwen3_vl"
+    ):
         encoders.load("clip", weights=tmp_path)
 
 

@@ -83,7 +83,9 @@ def test_dual_without_fusion_is_concat_of_normalised_vectors(tmp_path, images):
     out = enc.embed(images[:2])
     q = encoders.load("qwen2_5_vl", weights=tmp_path / "qwen2_5_vl").embed(images[:2]).pooled
     d = encoders.load("dinov2", weights=tmp_path / "dinov2").embed(images[:2]).pooled
-    expected = np.concatenate([q / np.linalg.norm(q, axis=1, keepdims=True), d / np.linalg.norm(d, axis=1, keepdims=True)], 1)
+    expected = np.concatenate(
+        [q / np.linalg.norm(q, axis=1, keepdims=True), d / np.linalg.norm(d, axis=1, keepdims=True)], 1
+    )
     np.testing.assert_allclose(out.pooled, expected, atol=TOL)
     np.testing.assert_allclose(out.fusion_weights, 0.5)
 
