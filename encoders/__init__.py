@@ -56,5 +56,8 @@ def make_checkpoint(name: str, directory: str | os.PathLike, layout: str = "visi
     """
     if layout not in ("vision", "vlm"):
         raise ValueError(f"unknown checkpoint layout {layout!r}; use 'vision' or 'vlm'")
+    path = Path(directory)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path}: exists and is not an empty directory; choose a new one")
     get_encoder_class(name).write_tiny_checkpoint(directory, layout=layout, seed=seed)
     return Path(directory)

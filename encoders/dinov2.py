@@ -18,6 +18,8 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 @register_encoder("dinov2")
 class Dinov2Encoder(TowerEncoder):
+    """DINOv2 backbone: CLS vector (default pooling) and 14 px patch tokens at a fixed crop."""
+
     default_pooling = "cls"
     has_cls = True
     has_merger = False

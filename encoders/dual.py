@@ -63,6 +63,8 @@ def _forward_grouped(enc: Encoder, prepared: list[Prepared], opts: EmbedOptions)
 
 @register_encoder("dual")
 class DualEncoder(Encoder):
+    """Qwen2.5-VL + DINOv2 fused by a gate; pooling (mean/max) applies to the Qwen side, DINOv2 gives CLS."""
+
     default_pooling = "mean"
     has_merger = False  # the fused vector is defined on Qwen's merged tokens only
 
@@ -82,9 +84,10 @@ class DualEncoder(Encoder):
             if isinstance(weights, dict)
             else {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
         )
-        tower_kwargs = {k: v for k, v in kwargs.items() if k in ("device", "dtype", "attn_implementation")}
-        qwen = Qwen25VLEncoder.load(paths["qwen2_5_vl"], storage_options=storage_options, **kwargs)
-        dino = Dinov2Encoder.load(paths["dinov2"], storage_options=storage_options, **tower_kwargs)
+        shared = {k: kwargs.pop(k) for k in ("device", "dtype", "attn_implementation") if k in kwargs}
+        dino_kwargs = {k: kwargs.pop(k) for k in ("crop_size",) if k in kwargs}
+        qwen = Qwen25VLEncoder.load(paths["qwen2_5_vl"], storage_options=storage_options, **shared, **kwargs)
+        dino = Dinov2Encoder.load(paths["dinov2"], storage_options=storage_options, **shared, **dino_kwargs)
         fusion, fusion_rev = None, "concat"
         if isinstance(weights, dict):
             fusion_path = weights.get("fusion")

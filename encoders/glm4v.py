@@ -15,6 +15,8 @@ from encoders._registry import register_encoder
 
 @register_encoder("glm4v")
 class Glm4vEncoder(PackedTowerEncoder):
+    """GLM-4V tower: merged tokens after the 2x2 conv downsample and merger MLP; mean pooled."""
+
     config_class = Glm4vVisionConfig
     model_class = Glm4vVisionModel
     processor_class = Glm4vImageProcessorPil

@@ -16,6 +16,8 @@ from encoders._registry import register_encoder
 
 @register_encoder("qwen2_5_vl")
 class Qwen25VLEncoder(PackedTowerEncoder):
+    """Qwen2.5-VL tower: LLM-facing tokens after the 2x2 merger, any resolution; mean pooled."""
+
     config_class = Qwen2_5_VLVisionConfig
     model_class = Qwen2_5_VisionTransformerPretrainedModel
     processor_class = Qwen2VLImageProcessorPil

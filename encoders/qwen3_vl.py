@@ -14,6 +14,8 @@ from encoders._registry import register_encoder
 
 @register_encoder("qwen3_vl")
 class Qwen3VLEncoder(PackedTowerEncoder):
+    """Qwen3-VL tower: merged tokens, optional deepstack features; mean pooled."""
+
     has_deepstack = True
     config_class = Qwen3VLVisionConfig
     model_class = Qwen3VLVisionModel

@@ -18,7 +18,7 @@ def reference_tower(name: str, directory):
     """transformers' own loading of the checkpoint directory, independent of towerflow's reader."""
     cls = encoders.get_encoder_class(name)
     model = cls.model_class.from_pretrained(str(directory)).eval()
-    return model, AutoImageProcessor.from_pretrained(str(directory))
+    return model, AutoImageProcessor.from_pretrained(str(directory), backend="pil")
 
 
 def reference_packed(name: str, directory, image) -> tuple[torch.Tensor, tuple[int, int]]:

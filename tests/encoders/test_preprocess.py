@@ -18,7 +18,7 @@ SIZES = [(31, 400), (120, 200), (300, 90), (64, 64), (719, 1283), (2000, 1500)]
 def test_prepared_equals_the_checkpoints_own_processor(name, checkpoint):
     directory = checkpoint(name)
     enc = encoders.load(name, weights=directory)
-    processor = AutoImageProcessor.from_pretrained(str(directory))
+    processor = AutoImageProcessor.from_pretrained(str(directory), backend="pil")
     for i, (h, w) in enumerate(SIZES[:4]):
         image = smooth_image(h, w, i)
         prepared = enc.preprocess(image)
@@ -88,7 +88,7 @@ def test_released_preprocessor_config_and_defaults_agree(name, checkpoint, tmp_p
     (with_file / "preprocessor_config.json").write_text(json.dumps(RELEASED[name]))
     (without / "preprocessor_config.json").unlink()
     a, b = encoders.load(name, weights=with_file), encoders.load(name, weights=without)
-    ref = AutoImageProcessor.from_pretrained(str(with_file))
+    ref = AutoImageProcessor.from_pretrained(str(with_file), backend="pil")
     image = smooth_image(300, 520, 9)
     np.testing.assert_array_equal(a.preprocess(image).pixel_values, b.preprocess(image).pixel_values)
     np.testing.assert_array_equal(

@@ -1,0 +1,1 @@
+"""Prefect flows and the `towerflow` CLI (their front door)."""
