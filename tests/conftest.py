@@ -55,3 +55,40 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
 def images() -> list[Image.Image]:
     """Three sizes and aspect ratios: landscape, tall, small square."""
     return [smooth_image(120, 200, 1), smooth_image(300, 90, 2), smooth_image(64, 64, 3)]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a random port): real S3 protocol, no network."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+             "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    old = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3(s3_server, request):
+    """A fresh bucket per test: (bucket, storage_options for fsspec/s3fs)."""
+    import boto3
+    import s3fs
+
+    bucket = "tf-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    options = {"endpoint_url": s3_server}
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield bucket, options
+    fs = s3fs.S3FileSystem(**options)
+    fs.rm(f"{bucket}", recursive=True)
