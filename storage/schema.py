@@ -19,8 +19,8 @@ SOURCE_FIELDS = [
 ]
 
 
-def vector_type(dim: int, dtype: pa.DataType = pa.float32()) -> pa.DataType:
-    return pa.list_(pa.field("item", dtype, nullable=False), dim)
+def vector_type(dim: int, dtype: pa.DataType | None = None) -> pa.DataType:
+    return pa.list_(pa.field("item", dtype or pa.float32(), nullable=False), dim)
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -42,14 +42,15 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
-def patches_schema(dim: int, dtype: pa.DataType = pa.float16()) -> pa.Schema:
+def patches_schema(dim: int, dtype: pa.DataType | None = None) -> pa.Schema:
     return pa.schema(
         [
             pa.field("image_id", pa.string(), nullable=False),
             pa.field("model_revision", pa.string()),
             pa.field("grid_h", pa.int32()),
             pa.field("grid_w", pa.int32()),
-            pa.field("tokens", pa.list_(vector_type(dim, dtype))),  # row-major over (grid_h, grid_w)
+            # token vectors, row-major over (grid_h, grid_w)
+            pa.field("tokens", pa.list_(vector_type(dim, dtype or pa.float16()))),
             pa.field("run_id", pa.string()),
         ]
     )

@@ -1,0 +1,224 @@
+"""Exactly-once commit of staged shards: dedup -> intent record -> move into place -> vector merge.
+
+Ray Data retries are at-least-once, so one input can arrive in two staged shards: the committer drops
+rows whose input key is already committed for the same dataset, model revision and preprocessing.
+The intent record is the commit point. A crash before it leaves only staging files (orphans, deleted
+by `recover`); a crash after it is rolled forward by `recover` (every step is idempotent). Visible
+files therefore only ever hold committed rows. Writers must be serialised: one committer per lake.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.lake import Lake, check_name
+
+COMMITS_DIR = "_commits"
+_PARTS = re.compile(r"(?:^|/)(?:model=(?P<model>[^/]+)/)?dataset=(?P<dataset>[^/]+)/")
+
+# (model, dataset, committed embeddings rows) -> None; the flow binds it to the LanceDB merge.
+OnEmbeddings = Callable[[str, str, pa.Table], None]
+
+
+def input_keys(table: pa.Table) -> list[str]:
+    """One input version: a changed file (size or mtime/etag) is a new input."""
+    cols = [table[c].cast(pa.string()).fill_null("") for c in ("uri", "size_bytes", "source_version")]
+    return pc.binary_join_element_wise(*cols, "\x1f").to_pylist()
+
+
+@dataclass
+class StagedShard:
+    run_id: str
+    shard: str
+    files: dict[str, str]  # visible relative path -> staging relative path
+
+
+@dataclass
+class CommitStats:
+    rows: dict[str, int] = field(default_factory=dict)  # kind -> rows made visible
+    duplicates: int = 0  # rows dropped because their input was already committed
+
+
+def commit_record_path(run_id: str, shard: str) -> str:
+    return f"{COMMITS_DIR}/{check_name('run id', run_id)}-{check_name('shard', shard)}.json"
+
+
+def kind_of(rel: str) -> str:
+    return rel.split("/", 1)[0]
+
+
+def partition_of(rel: str) -> tuple[str | None, str]:
+    m = _PARTS.search(rel)
+    if m is None:
+        raise ValueError(f"not a lake shard path: {rel}")
+    return m.group("model"), m.group("dataset")
+
+
+def stage_shard(
+    lake: Lake, run_id: str, shard: str, dataset: str, tables: dict[tuple[str, str | None], pa.Table]
+) -> StagedShard:
+    """Write one shard's tables ({(kind, model): table}) under the run's private staging prefix."""
+    files = {}
+    for (kind, model), table in tables.items():
+        if table.num_rows == 0:
+            continue
+        visible = lake.shard_path(kind, dataset, model, run_id, shard)
+        staging = lake.staging_path(run_id, visible)
+        lake.write_parquet(staging, table)
+        files[visible] = staging
+    return StagedShard(run_id, shard, files)
+
+
+class Ledger:
+    """What the committed lake already holds, read from the committed Parquet itself (no second truth)."""
+
+    def __init__(self, lake: Lake):
+        self.lake = lake
+
+    def _read(self, files: Iterable[str], columns: list[str]) -> pa.Table:
+        tables = [self.lake.read_parquet(f, columns) for f in files]
+        return pa.concat_tables(tables) if tables else None
+
+    def done_keys(self, dataset: str, model: str, revision: str, preprocess: str) -> set[str]:
+        """Inputs embedded for this exact model revision and preprocessing."""
+        cols = ["uri", "size_bytes", "source_version", "model_revision", "preprocess"]
+        table = self._read(self.lake.committed_files("embeddings", model, dataset), cols)
+        if table is None:
+            return set()
+        mask = pc.and_(pc.equal(table["model_revision"], revision), pc.equal(table["preprocess"], preprocess))
+        return set(input_keys(table.filter(mask)))
+
+    def failed_keys(self, dataset: str, stages: tuple[str, ...] = ("decode",)) -> set[str]:
+        """Inputs whose bytes cannot be decoded: retrying them gives the same error, so they are done.
+
+        Read and embed failures (network, OOM) are not included: a re-run retries them.
+        """
+        cols = ["uri", "size_bytes", "source_version", "stage"]
+        table = self._read(self.lake.committed_files("errors", dataset=dataset), cols)
+        if table is None:
+            return set()
+        return set(input_keys(table.filter(pc.is_in(table["stage"], pa.array(stages)))))
+
+    def patch_ids(self, dataset: str, model: str, revision: str) -> set[str]:
+        files = self.lake.committed_files("patches", model, dataset)
+        table = self._read(files, ["image_id", "model_revision"])
+        if table is None:
+            return set()
+        return set(table.filter(pc.equal(table["model_revision"], revision))["image_id"].to_pylist())
+
+
+class Committer:
+    """The single writer of one lake during a run: deduplicates, records intent, moves, merges vectors."""
+
+    def __init__(self, lake: Lake, on_embeddings: OnEmbeddings | None = None):
+        self.lake = lake
+        self.on_embeddings = on_embeddings
+        self.ledger = Ledger(lake)
+        self._done: dict[tuple, set[str]] = {}
+
+    def _done_set(self, key: tuple) -> set[str]:
+        """Committed keys per (kind, dataset, model, revision[, preprocess]), loaded once per run."""
+        if key not in self._done:
+            kind, dataset, model, revision, *rest = key
+            if kind == "embeddings":
+                self._done[key] = self.ledger.done_keys(dataset, model, revision, rest[0])
+            elif kind == "patches":
+                self._done[key] = self.ledger.patch_ids(dataset, model, revision)
+            else:
+                self._done[key] = set()  # error rows are events: deduplicated within this committer only
+        return self._done[key]
+
+    def _dedup(self, rel: str, table: pa.Table) -> tuple[pa.Table, set[str], tuple]:
+        model, dataset = partition_of(rel)
+        kind = kind_of(rel)
+        if kind == "embeddings":
+            revision, preprocess = table["model_revision"][0].as_py(), table["preprocess"][0].as_py()
+            key = (kind, dataset, model, revision, preprocess)
+            keys = input_keys(table)
+        elif kind == "patches":
+            key = (kind, dataset, model, table["model_revision"][0].as_py())
+            keys = table["image_id"].to_pylist()
+        else:
+            key = (kind, dataset, None, None)
+            keys = [f"{k}\x1f{s}" for k, s in zip(input_keys(table), table["stage"].to_pylist(), strict=True)]
+        done, seen, keep = self._done_set(key), set(), []
+        for i, k in enumerate(keys):
+            if k not in done and k not in seen:
+                seen.add(k)
+                keep.append(i)
+        return (table if len(keep) == len(keys) else table.take(pa.array(keep, pa.int64()))), seen, key
+
+    def commit(self, staged: StagedShard) -> CommitStats:
+        stats = CommitStats()
+        files, new_keys, tables = {}, {}, {}
+        for visible, staging in sorted(staged.files.items()):
+            table = self.lake.read_parquet(staging)
+            kept, keys, done_key = self._dedup(visible, table)
+            stats.duplicates += table.num_rows - kept.num_rows
+            if kept.num_rows == 0:
+                self.lake.remove(staging)
+                continue
+            if kept.num_rows != table.num_rows:
+                self.lake.write_parquet(staging, kept)
+            files[visible], tables[visible] = staging, kept
+            new_keys.setdefault(done_key, set()).update(keys)
+        if files:
+            record = commit_record_path(staged.run_id, staged.shard)
+            self.lake.write_bytes(record, json.dumps({"run_id": staged.run_id, "files": files}).encode())
+            apply_intent(self.lake, files, self.on_embeddings, tables)
+            self.lake.remove(record)
+        for done_key, keys in new_keys.items():
+            self._done_set(done_key).update(keys)
+        for visible, table in tables.items():
+            stats.rows[kind_of(visible)] = stats.rows.get(kind_of(visible), 0) + table.num_rows
+        return stats
+
+
+def apply_intent(
+    lake: Lake,
+    files: dict[str, str],
+    on_embeddings: OnEmbeddings | None,
+    tables: dict[str, pa.Table] | None = None,
+) -> None:
+    """Move staged files into place, then merge embeddings into the vector table. Idempotent."""
+    for visible, staging in sorted(files.items(), key=lambda kv: kind_of(kv[0]) == "embeddings"):
+        lake.move(staging, visible)  # embeddings last: the other kinds are never behind it
+    if on_embeddings is None:
+        return
+    for visible in files:
+        if kind_of(visible) == "embeddings":
+            model, dataset = partition_of(visible)
+            table = tables[visible] if tables and visible in tables else lake.read_parquet(visible)
+            on_embeddings(model, dataset, table)
+
+
+@dataclass
+class Recovery:
+    rolled_forward: int = 0  # interrupted commits finished
+    orphans_removed: int = 0  # staging files of dead runs deleted
+
+
+def recover(lake: Lake, on_embeddings: OnEmbeddings | None = None, keep_run: str | None = None) -> Recovery:
+    """Finish interrupted commits and delete staging files no commit refers to.
+
+    Run at the start of every run, before planning: afterwards the lake holds exactly the committed rows.
+    """
+    report = Recovery()
+    for record in lake.list_files(COMMITS_DIR, suffix=".json"):
+        with lake.fs.open(lake.path(record), "rb") as f:
+            intent = json.loads(f.read())
+        apply_intent(lake, intent["files"], on_embeddings)
+        lake.remove(record)
+        report.rolled_forward += 1
+    for run_dir in sorted(lake.fs.ls(lake.path("_staging"), detail=False) if lake.exists("_staging") else []):
+        if run_dir.rstrip("/").rsplit("/", 1)[-1] == keep_run:
+            continue
+        report.orphans_removed += len(lake.fs.find(run_dir))
+        lake.fs.rm(run_dir, recursive=True)
+    return report
