@@ -25,6 +25,7 @@ __all__ = [
     "available",
     "get_encoder_class",
     "load",
+    "load_preprocessor",
     "make_checkpoint",
     "register_encoder",
     "save",
@@ -40,6 +41,14 @@ def load(
     (min_pixels/max_pixels for Qwen and GLM, crop_size for DINOv2).
     """
     return get_encoder_class(name).load(weights, device=device, dtype=dtype, **kwargs)
+
+
+def load_preprocessor(name: str, weights: Any, **kwargs: Any) -> Encoder:
+    """Preprocessing of NAME as the checkpoint defines it, without reading any tensor.
+
+    What CPU decode workers use: `enc.preprocess(image)` and `enc.num_tokens(h, w)` work, `embed` does not.
+    """
+    return get_encoder_class(name).load_preprocessor(weights, **kwargs)
 
 
 def save(encoder: Encoder, directory: str | os.PathLike) -> Path:

@@ -160,6 +160,11 @@ class Encoder:
         raise NotImplementedError
 
     @classmethod
+    def load_preprocessor(cls, weights: Any, **kwargs: Any) -> Encoder:
+        """An instance that can only preprocess (and count tokens): no tensors are read."""
+        raise NotImplementedError
+
+    @classmethod
     def write_tiny_checkpoint(cls, directory: str, layout: str = "vision", seed: int = 0) -> None:
         raise NotImplementedError
 
@@ -178,6 +183,10 @@ class Encoder:
     @property
     def dim(self) -> int:
         raise NotImplementedError
+
+    @property
+    def can_embed(self) -> bool:
+        return True
 
     def batch_key(self, prepared: Prepared) -> Any:
         return None
@@ -240,6 +249,10 @@ class Encoder:
     def embed_prepared(
         self, prepared: Sequence[Prepared], opts: EmbedOptions, *, batch_tokens: int = DEFAULT_BATCH_TOKENS
     ) -> EmbedResult:
+        if not self.can_embed:
+            raise RuntimeError(
+                f"this {self.name} instance only preprocesses (load_preprocessor); use encoders.load"
+            )
         outputs: list[TowerOutput | None] = [None] * len(prepared)
         batches = plan_batches(
             [p.seq_len for p in prepared], batch_tokens, [self.batch_key(p) for p in prepared]

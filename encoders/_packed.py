@@ -26,11 +26,11 @@ class PackedTowerEncoder(TowerEncoder):
 
     @property
     def merge(self) -> int:
-        return int(self.model.config.spatial_merge_size)
+        return int(self.config.spatial_merge_size)
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.out_hidden_size)
+        return int(self.config.out_hidden_size)
 
     def preprocess_image(self, image: Any) -> Prepared:
         out = processor_inputs(self.processor, image)

@@ -53,11 +53,21 @@ class TowerEncoder(Encoder):
     vlm_architecture: ClassVar[str]
     vlm_prefix: ClassVar[str]  # the prefix used by the released checkpoints of this family
 
-    def __init__(self, model: torch.nn.Module, processor: Any, *, device: torch.device, revision: str):
-        self.model = model.eval()
+    def __init__(
+        self,
+        model: torch.nn.Module | None,
+        processor: Any,
+        *,
+        device: torch.device,
+        revision: str,
+        config: Any = None,
+    ):
+        """model=None gives a preprocessing-only instance (CPU decode workers need no weights)."""
+        self.model = model.eval() if model is not None else None
+        self.config = model.config if model is not None else config
         self.processor = processor
         self.device = device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(model.parameters()).dtype if model is not None else torch.float32
         self.revision = revision
         self.preprocess_hash = config_hash(self.processor_config())
 
@@ -95,16 +105,7 @@ class TowerEncoder(Encoder):
         **preprocess: Any,
     ) -> TowerEncoder:
         ckpt = open_checkpoint(weights, storage_options)
-        config_dict = ckpt.read_json("config.json")
-        if config_dict is None:
-            raise CheckpointError(f"{ckpt.location}: no config.json")
-        model_type = config_dict.get("model_type")
-        if model_type not in cls.model_types:
-            raise CheckpointError(
-                f"{ckpt.location}: config.json is a {model_type!r} model; "
-                f"{cls.name} expects {' or '.join(cls.model_types)}"
-            )
-        config = cls.config_class.from_dict(dict(config_dict.get("vision_config", config_dict)))
+        config = cls._read_config(ckpt)
         if attn_implementation:
             config._attn_implementation = attn_implementation
         tensors = read_tower_tensors(ckpt, cls.vision_prefixes)
@@ -123,11 +124,41 @@ class TowerEncoder(Encoder):
             )
         del tensors
         check_loading_info(info, ckpt.location)
+        return cls(model.to(dev), cls._read_processor(ckpt, preprocess), device=dev, revision=revision)
+
+    @classmethod
+    def load_preprocessor(
+        cls, weights: Any, *, storage_options: dict | None = None, **preprocess: Any
+    ) -> TowerEncoder:
+        """Only config and preprocessing: what decode workers need, without reading any tensor."""
+        ckpt = open_checkpoint(weights, storage_options)
+        config = cls._read_config(ckpt)
+        processor = cls._read_processor(ckpt, preprocess)
+        return cls(None, processor, device=torch.device("cpu"), revision="", config=config)
+
+    @classmethod
+    def _read_config(cls, ckpt: Any) -> Any:
+        config_dict = ckpt.read_json("config.json")
+        if config_dict is None:
+            raise CheckpointError(f"{ckpt.location}: no config.json")
+        model_type = config_dict.get("model_type")
+        if model_type not in cls.model_types:
+            raise CheckpointError(
+                f"{ckpt.location}: config.json is a {model_type!r} model; "
+                f"{cls.name} expects {' or '.join(cls.model_types)}"
+            )
+        return cls.config_class.from_dict(dict(config_dict.get("vision_config", config_dict)))
+
+    @classmethod
+    def _read_processor(cls, ckpt: Any, preprocess: dict[str, Any]) -> Any:
         processor_kwargs = ckpt.read_json(PREPROCESSOR_FILE) or cls.default_processor_kwargs()
         processor_kwargs = {k: v for k, v in processor_kwargs.items() if k not in _PROCESSOR_META_KEYS}
         processor_kwargs.update(cls.processor_overrides(**preprocess))
-        processor = cls.processor_class(**processor_kwargs)
-        return cls(model.to(dev), processor, device=dev, revision=revision)
+        return cls.processor_class(**processor_kwargs)
+
+    @property
+    def can_embed(self) -> bool:
+        return self.model is not None
 
     def processor_config(self) -> dict[str, Any]:
         return json.loads(self.processor.to_json_string())

@@ -68,11 +68,11 @@ class Dinov2Encoder(TowerEncoder):
 
     @property
     def patch_size(self) -> int:
-        return int(self.model.config.patch_size)
+        return int(self.config.patch_size)
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.config.hidden_size)
 
     def preprocess_image(self, image: Any) -> Prepared:
         pixels = processor_inputs(self.processor, image)["pixel_values"][0]

@@ -100,6 +100,24 @@ class DualEncoder(Encoder):
             fusion, fusion_rev = GatedFusion.from_state_dict(state), tensors_revision(state)
         return cls(qwen, dino, fusion, fusion_rev)
 
+    @classmethod
+    def load_preprocessor(
+        cls, weights: Any, *, storage_options: dict | None = None, **kwargs: Any
+    ) -> DualEncoder:
+        paths = (
+            dict(weights)
+            if isinstance(weights, dict)
+            else {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
+        )
+        dino_kwargs = {k: kwargs.pop(k) for k in ("crop_size",) if k in kwargs}
+        qwen = Qwen25VLEncoder.load_preprocessor(
+            paths["qwen2_5_vl"], storage_options=storage_options, **kwargs
+        )
+        dino = Dinov2Encoder.load_preprocessor(
+            paths["dinov2"], storage_options=storage_options, **dino_kwargs
+        )
+        return cls(qwen, dino, None, "")
+
     def save(self, directory: str | os.PathLike) -> None:
         root = Path(directory)
         self.qwen.save(root / "qwen2_5_vl")
@@ -125,6 +143,10 @@ class DualEncoder(Encoder):
             module = GatedFusion(*dims, fusion_dim)
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(root / FUSION_FILE))
         (root / TOWERFLOW_FILE).write_text(json.dumps({"encoder": "dual", "fused": bool(fusion_dim)}) + "\n")
+
+    @property
+    def can_embed(self) -> bool:
+        return self.qwen.can_embed and self.dino.can_embed
 
     @property
     def dim(self) -> int:

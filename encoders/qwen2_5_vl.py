@@ -69,7 +69,7 @@ class Qwen25VLEncoder(PackedTowerEncoder):
 
     def pre_merger_states(self, out: Any, grid_thw: torch.Tensor) -> torch.Tensor:
         """last_hidden_state comes back in window order; undo it per merge unit."""
-        cfg = self.model.config
+        cfg = self.config
         window_index, _ = get_vision_window_index(
             grid_thw,
             spatial_merge_size=cfg.spatial_merge_size,

@@ -152,3 +152,19 @@ def test_preprocessing_overrides_reach_the_processor(checkpoint, images):
     assert grid[0] * grid[1] * 4 * 14 * 14 <= 56 * 56 * 2
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_pixels'"):
         encoders.load("dinov2", weights=checkpoint("dinov2"), max_pixels=10)
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_preprocessor_only_reads_no_tensors(name, checkpoint, tmp_path, images):
+    """Decode workers preprocess without weights: with every safetensors file gone it still works."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoint(name), directory)
+    for f in directory.rglob("*.safetensors"):
+        f.unlink()
+    pre = encoders.load_preprocessor(name, weights=directory)
+    full = encoders.load(name, weights=checkpoint(name))
+    a, b = pre.preprocess(images[0]), full.preprocess(images[0])
+    assert a.seq_len == b.seq_len and pre.preprocess_hash == full.preprocess_hash
+    assert pre.num_tokens(300, 200) == full.num_tokens(300, 200)
+    with pytest.raises(RuntimeError, match="only preprocesses"):
+        pre.embed(images[:1])
