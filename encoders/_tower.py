@@ -128,13 +128,17 @@ class TowerEncoder(Encoder):
 
     @classmethod
     def load_preprocessor(
-        cls, weights: Any, *, storage_options: dict | None = None, **preprocess: Any
+        cls, weights: Any, *, storage_options: dict | None = None, revision: bool = False, **preprocess: Any
     ) -> TowerEncoder:
-        """Only config and preprocessing: what decode workers need, without reading any tensor."""
+        """Only config and preprocessing: what decode workers need, without reading any tensor.
+
+        revision=True also hashes the tower's tensors (a planner needs the revision, not a model).
+        """
         ckpt = open_checkpoint(weights, storage_options)
         config = cls._read_config(ckpt)
         processor = cls._read_processor(ckpt, preprocess)
-        return cls(None, processor, device=torch.device("cpu"), revision="", config=config)
+        rev = tensors_revision(read_tower_tensors(ckpt, cls.vision_prefixes)) if revision else ""
+        return cls(None, processor, device=torch.device("cpu"), revision=rev, config=config)
 
     @classmethod
     def _read_config(cls, ckpt: Any) -> Any:

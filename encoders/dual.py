@@ -79,44 +79,46 @@ class DualEncoder(Encoder):
     @classmethod
     def load(cls, weights: Any, *, storage_options: dict | None = None, **kwargs: Any) -> DualEncoder:
         """WEIGHTS: a directory holding qwen2_5_vl/, dinov2/ and optionally fusion.safetensors, or a dict."""
-        paths = (
-            dict(weights)
-            if isinstance(weights, dict)
-            else {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
-        )
+        paths = cls._paths(weights)
         shared = {k: kwargs.pop(k) for k in ("device", "dtype", "attn_implementation") if k in kwargs}
         dino_kwargs = {k: kwargs.pop(k) for k in ("crop_size",) if k in kwargs}
         qwen = Qwen25VLEncoder.load(paths["qwen2_5_vl"], storage_options=storage_options, **shared, **kwargs)
         dino = Dinov2Encoder.load(paths["dinov2"], storage_options=storage_options, **shared, **dino_kwargs)
-        fusion, fusion_rev = None, "concat"
+        fusion, fusion_rev = cls._load_fusion(weights, storage_options)
+        return cls(qwen, dino, fusion, fusion_rev)
+
+    @classmethod
+    def load_preprocessor(
+        cls, weights: Any, *, storage_options: dict | None = None, revision: bool = False, **kwargs: Any
+    ) -> DualEncoder:
+        paths = cls._paths(weights)
+        dino_kwargs = {k: kwargs.pop(k) for k in ("crop_size",) if k in kwargs}
+        qwen = Qwen25VLEncoder.load_preprocessor(
+            paths["qwen2_5_vl"], storage_options=storage_options, revision=revision, **kwargs
+        )
+        dino = Dinov2Encoder.load_preprocessor(
+            paths["dinov2"], storage_options=storage_options, revision=revision, **dino_kwargs
+        )
+        return cls(qwen, dino, *cls._load_fusion(weights, storage_options))
+
+    @staticmethod
+    def _paths(weights: Any) -> dict[str, Any]:
+        if isinstance(weights, dict):
+            return dict(weights)
+        return {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
+
+    @staticmethod
+    def _load_fusion(weights: Any, storage_options: dict | None) -> tuple[GatedFusion | None, str]:
         if isinstance(weights, dict):
             fusion_path = weights.get("fusion")
             fusion_file = os.fspath(fusion_path) if fusion_path else None
         else:
             ckpt = open_checkpoint(weights, storage_options)
             fusion_file = ckpt.local_file(FUSION_FILE) if ckpt.exists(FUSION_FILE) else None
-        if fusion_file:
-            state = load_file(fusion_file)
-            fusion, fusion_rev = GatedFusion.from_state_dict(state), tensors_revision(state)
-        return cls(qwen, dino, fusion, fusion_rev)
-
-    @classmethod
-    def load_preprocessor(
-        cls, weights: Any, *, storage_options: dict | None = None, **kwargs: Any
-    ) -> DualEncoder:
-        paths = (
-            dict(weights)
-            if isinstance(weights, dict)
-            else {p: f"{os.fspath(weights).rstrip('/')}/{p}" for p in PARTS}
-        )
-        dino_kwargs = {k: kwargs.pop(k) for k in ("crop_size",) if k in kwargs}
-        qwen = Qwen25VLEncoder.load_preprocessor(
-            paths["qwen2_5_vl"], storage_options=storage_options, **kwargs
-        )
-        dino = Dinov2Encoder.load_preprocessor(
-            paths["dinov2"], storage_options=storage_options, **dino_kwargs
-        )
-        return cls(qwen, dino, None, "")
+        if not fusion_file:
+            return None, "concat"
+        state = load_file(fusion_file)
+        return GatedFusion.from_state_dict(state), tensors_revision(state)
 
     def save(self, directory: str | os.PathLike) -> None:
         root = Path(directory)

@@ -168,3 +168,11 @@ def test_preprocessor_only_reads_no_tensors(name, checkpoint, tmp_path, images):
     assert pre.num_tokens(300, 200) == full.num_tokens(300, 200)
     with pytest.raises(RuntimeError, match="only preprocesses"):
         pre.embed(images[:1])
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_preprocessor_with_revision_matches_the_loaded_encoder(name, checkpoint):
+    """A planner learns revision, preprocessing hash and dim without building the model."""
+    pre = encoders.load_preprocessor(name, weights=checkpoint(name, "vlm"), revision=True)
+    full = encoders.load(name, weights=checkpoint(name))
+    assert (pre.revision, pre.preprocess_hash, pre.dim) == (full.revision, full.preprocess_hash, full.dim)
