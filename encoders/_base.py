@@ -188,6 +188,14 @@ class Encoder:
     def can_embed(self) -> bool:
         return True
 
+    @property
+    def patch_dim(self) -> int:
+        """Width of the (merged) patch tokens; differs from `dim` only where pooling fuses towers."""
+        return self.dim
+
+    def processor_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
     def batch_key(self, prepared: Prepared) -> Any:
         return None
 

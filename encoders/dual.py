@@ -146,6 +146,13 @@ class DualEncoder(Encoder):
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(root / FUSION_FILE))
         (root / TOWERFLOW_FILE).write_text(json.dumps({"encoder": "dual", "fused": bool(fusion_dim)}) + "\n")
 
+    def processor_config(self) -> dict[str, Any]:
+        return {"qwen2_5_vl": self.qwen.processor_config(), "dinov2": self.dino.processor_config()}
+
+    @property
+    def patch_dim(self) -> int:
+        return self.qwen.dim
+
     @property
     def can_embed(self) -> bool:
         return self.qwen.can_embed and self.dino.can_embed

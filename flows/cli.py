@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=_int_at_least(1), default=24, help="number of images (default 24)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="corpus and weights seed (default 0)")
     p.set_defaults(func=cmd_demo)
+
+    from flows.cli_embed import add_embed_parser
+
+    add_embed_parser(sub)
     return parser
 
 
@@ -148,9 +152,11 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors: argparse prints usage + error, exits 2
     import encoders
+    from flows.cli_embed import UsageError
 
     expected = (
         CliError,
+        UsageError,
         encoders.UnknownEncoderError,
         encoders.CheckpointError,
         FileNotFoundError,

@@ -43,6 +43,7 @@ class StagedShard:
 class CommitStats:
     rows: dict[str, int] = field(default_factory=dict)  # kind -> rows made visible
     duplicates: int = 0  # rows dropped because their input was already committed
+    resumed: bool = False  # an interrupted earlier attempt of this commit was finished instead
 
 
 def commit_record_path(run_id: str, shard: str) -> str:
@@ -94,16 +95,21 @@ class Ledger:
         mask = pc.and_(pc.equal(table["model_revision"], revision), pc.equal(table["preprocess"], preprocess))
         return set(input_keys(table.filter(mask)))
 
-    def failed_keys(self, dataset: str, stages: tuple[str, ...] = ("decode",)) -> set[str]:
-        """Inputs whose bytes cannot be decoded: retrying them gives the same error, so they are done.
+    def failed_keys(
+        self, dataset: str, model: str | None = None, stages: tuple[str, ...] = ("decode",)
+    ) -> set[str]:
+        """Inputs whose bytes cannot be decoded (or preprocessed for MODEL): a retry fails the same way.
 
-        Read and embed failures (network, OOM) are not included: a re-run retries them.
+        Model-independent failures have model null. Read and embed failures (network, OOM) are not
+        included: a re-run retries them.
         """
-        cols = ["uri", "size_bytes", "source_version", "stage"]
+        cols = ["uri", "size_bytes", "source_version", "stage", "model"]
         table = self._read(self.lake.committed_files("errors", dataset=dataset), cols)
         if table is None:
             return set()
-        return set(input_keys(table.filter(pc.is_in(table["stage"], pa.array(stages)))))
+        same_model = pc.is_null(table["model"]) if model is None else pc.equal(table["model"], model)
+        mask = pc.and_(pc.is_in(table["stage"], pa.array(stages)), same_model)
+        return set(input_keys(table.filter(mask)))
 
     def patch_ids(self, dataset: str, model: str, revision: str) -> set[str]:
         files = self.lake.committed_files("patches", model, dataset)
@@ -155,6 +161,14 @@ class Committer:
         return (table if len(keep) == len(keys) else table.take(pa.array(keep, pa.int64()))), seen, key
 
     def commit(self, staged: StagedShard) -> CommitStats:
+        """Commit one staged shard; calling it again after a failure resumes (retries are safe)."""
+        record = commit_record_path(staged.run_id, staged.shard)
+        if self.lake.exists(record):  # an earlier attempt got past its commit point: roll it forward
+            with self.lake.fs.open(self.lake.path(record), "rb") as f:
+                apply_intent(self.lake, json.loads(f.read())["files"], self.on_embeddings)
+            self.lake.remove(record)
+            self._done.clear()  # reload what is committed from the lake itself
+            return CommitStats(resumed=True)
         stats = CommitStats()
         files, new_keys, tables = {}, {}, {}
         for visible, staging in sorted(staged.files.items()):
@@ -169,7 +183,6 @@ class Committer:
             files[visible], tables[visible] = staging, kept
             new_keys.setdefault(done_key, set()).update(keys)
         if files:
-            record = commit_record_path(staged.run_id, staged.shard)
             self.lake.write_bytes(record, json.dumps({"run_id": staged.run_id, "files": files}).encode())
             apply_intent(self.lake, files, self.on_embeddings, tables)
             self.lake.remove(record)

@@ -1,0 +1,130 @@
+"""embed_corpus: plan -> embed on Ray actors -> commit -> index -> report, as a Prefect flow.
+
+Entry points: `towerflow embed ...`, `python -m flows.embed ...` (what `ray job submit` runs) and
+the deployment `flows/embed.py:embed_corpus` (deploy/prefect.yaml).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from storage.lake import new_run_id
+from tasks.commit import clean_staging, commit_shard, open_lake, refresh_indexes
+from tasks.config import ModelSpec, RunConfig, default_ray_address
+from tasks.pipeline import ensure_ray, run_pipeline
+from tasks.plan import ModelInfo, Plan, make_plan, model_info
+from tasks.report import new_manifest, report, save_manifest
+
+
+@task(name="describe-models", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def describe_models(cfg: RunConfig) -> dict[str, ModelInfo]:
+    """Revision and preprocessing of every model, read from the checkpoints (no model is built)."""
+    return {m.name: model_info(m, cfg.source_options) for m in cfg.models}
+
+
+@task(name="plan", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def plan_run(cfg: RunConfig, session, infos: dict[str, ModelInfo]) -> Plan:
+    return make_plan(cfg, session.lake, infos)
+
+
+def parse_models(
+    model: str, weights: str, dtype: str | None, options: dict[str, Any]
+) -> tuple[ModelSpec, ...]:
+    """`--model a,b --weights W` (W holds a/ and b/), `--weights Wa,Wb`, or `--weights a=Wa,b=Wb`."""
+    names = [n.strip() for n in model.split(",") if n.strip()]
+    parts = [w.strip() for w in weights.split(",") if w.strip()]
+    if all("=" in p and "://" not in p.split("=", 1)[0] for p in parts):
+        mapping = dict(p.split("=", 1) for p in parts)
+        missing = [n for n in names if n not in mapping]
+        if missing:
+            raise ValueError(f"no --weights given for {', '.join(missing)}")
+    elif len(parts) == len(names):
+        mapping = dict(zip(names, parts, strict=True))
+    elif len(parts) == 1:
+        mapping = {n: f"{parts[0].rstrip('/')}/{n}" for n in names}
+    else:
+        raise ValueError(
+            f"{len(names)} models but {len(parts)} weights; give one per model or name=path pairs"
+        )
+    return tuple(ModelSpec(n, mapping[n], dtype, dict(options)) for n in names)
+
+
+@flow(name="embed-corpus", log_prints=True)
+def embed_corpus(
+    source: str,
+    out: str,
+    model: str = "qwen2_5_vl",
+    weights: str = "",
+    dataset: str = "default",
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    batch_tokens: int = 16384,
+    dtype: str | None = None,
+    patches: bool = True,
+    max_pixels: int | None = None,
+    limit: int | None = None,
+    ray_address: str | None = None,
+    quiet: bool = False,
+    source_options: dict[str, Any] | None = None,
+    lake_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Embed every new or changed image of SOURCE into the lake OUT; returns the run summary.
+
+    source_options / lake_options: fsspec options such as endpoint_url. Never put credentials here
+    (flow parameters are stored by Prefect): they come from the environment / config chain.
+    """
+    options = {"max_pixels": max_pixels} if max_pixels else {}
+    specs = parse_models(model, weights, dtype, options)
+    cfg = RunConfig(
+        source=source, lake=out, models=specs, dataset=dataset, actors=actors, gpus_per_actor=gpus_per_actor,
+        batch_tokens=batch_tokens, patches=patches, limit=limit, ray_address=default_ray_address(ray_address),
+        quiet=quiet, source_options=dict(source_options or {}), lake_options=dict(lake_options or {}),
+    )  # fmt: skip
+    return run_embed(cfg)
+
+
+def run_embed(cfg: RunConfig) -> dict[str, Any]:
+    """The flow's body for a prepared config (the CLI builds one with storage options)."""
+    run_id = new_run_id()
+    infos = describe_models(cfg)
+    session = open_lake(cfg, infos, run_id)
+    manifest = new_manifest(cfg, run_id, infos)
+    save_manifest(session, manifest)
+    t0 = time.perf_counter()
+    plan = plan_run(cfg, session, infos)
+    manifest.timings["plan"] = round(time.perf_counter() - t0, 3)
+    status = "failed"
+    try:
+        ensure_ray(cfg.ray_address, cfg.quiet)
+        t1 = time.perf_counter()
+        for result in run_pipeline(cfg, run_id, plan.items, infos):
+            commit_shard(session, result)
+        manifest.timings["embed"] = round(time.perf_counter() - t1, 3)
+        clean_staging(session, run_id)
+        status = "succeeded"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        manifest.finish(status)
+        save_manifest(session, manifest)
+    index = refresh_indexes(session)
+    summary = report(cfg, session, manifest, plan, index)
+    save_manifest(session, manifest)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.embed SOURCE --out LAKE ...`: the same arguments as `towerflow embed`."""
+    from flows.cli import main as cli_main
+
+    return cli_main(["embed", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Prefect tasks around the lake: open + recover, commit one shard, refresh the vector indexes.
+
+They touch storage, so they declare retries; the committer makes a retried commit resume, not repeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.commit import CommitStats, Committer, Recovery, recover
+from storage.lake import Lake
+from storage.vectors import IndexPolicy, VectorTable
+from tasks.config import RunConfig
+from tasks.pipeline import ShardResult
+from tasks.plan import ModelInfo
+
+STORAGE_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE}
+
+
+@dataclass
+class LakeSession:
+    """The run's single writer: the lake, its vector tables and the committer."""
+
+    lake: Lake
+    dataset: str
+    tables: dict[str, VectorTable]
+    committer: Committer | None = None
+    recovery: Recovery | None = None
+    totals: CommitStats = field(default_factory=CommitStats)
+    shards: list[str] = field(default_factory=list)
+
+    def merge_vectors(self, model: str, dataset: str, rows: pa.Table) -> None:
+        rows = rows.append_column("dataset", pa.array([dataset] * rows.num_rows, pa.string()))
+        self.tables[model].merge(rows)
+
+
+@task(name="open-lake", **STORAGE_RETRIES)
+def open_lake(cfg: RunConfig, infos: dict[str, ModelInfo], run_id: str) -> LakeSession:
+    """Open LAKE, finish any interrupted commit and drop orphaned staging files before planning."""
+    lake = Lake(cfg.lake, cfg.lake_options)
+    tables = {
+        name: VectorTable.open(cfg.lake, name, info.dim, cfg.lake_options) for name, info in infos.items()
+    }
+    session = LakeSession(lake, cfg.dataset, tables)
+    session.recovery = recover(lake, session.merge_vectors, keep_run=run_id)
+    session.committer = Committer(lake, session.merge_vectors)
+    return session
+
+
+@task(name="commit-shard", **STORAGE_RETRIES)
+def commit_shard(session: LakeSession, result: ShardResult) -> CommitStats:
+    stats = session.committer.commit(result.staged)
+    for kind, n in stats.rows.items():
+        session.totals.rows[kind] = session.totals.rows.get(kind, 0) + n
+    session.totals.duplicates += stats.duplicates
+    if stats.rows:
+        session.shards.append(result.staged.shard)
+    return stats
+
+
+@task(name="refresh-index", **STORAGE_RETRIES)
+def refresh_indexes(session: LakeSession, policy: IndexPolicy | None = None) -> dict[str, dict]:
+    """Create the ANN index once a table passes the size threshold; keep it current as it grows."""
+    out = {}
+    for name, table in session.tables.items():
+        action = table.refresh_index(policy or IndexPolicy())
+        out[name] = {"index": action, "rows": table.count(), "version": table.version}
+    return out
+
+
+@task(name="clean-staging", **STORAGE_RETRIES)
+def clean_staging(session: LakeSession, run_id: str) -> None:
+    """What is left under this run's staging prefix was never committed (e.g. a retried Ray task)."""
+    session.lake.remove(Lake.staging_path(run_id, "").rstrip("/"), recursive=True)

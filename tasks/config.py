@@ -1,0 +1,62 @@
+"""What one embed run needs, in one picklable place (flows, Ray workers and tests share it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.lake import check_name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One encoder of a run: name, weights and load options (preprocessing overrides included)."""
+
+    name: str
+    weights: str
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 on CPU
+    options: dict[str, Any] = field(default_factory=dict, hash=False)  # min_pixels, max_pixels, crop_size
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    source: str
+    lake: str
+    models: tuple[ModelSpec, ...]
+    dataset: str = "default"
+    actors: int | None = None  # embedding actors per model; None: one per GPU, else half the CPUs
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    batch_tokens: int = 16384  # token budget of one packed forward
+    batch_images: int = 64  # images per Ray batch handed to an actor (packed by tokens inside)
+    patches: bool = True
+    patch_dtype: str = "fp16"
+    limit: int | None = None
+    ray_address: str | None = None
+    source_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    lake_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        check_name("dataset", self.dataset)
+        if not self.models:
+            raise ValueError("at least one model is needed")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a model is named twice: {', '.join(names)}")
+        if self.batch_tokens <= 0 or self.batch_images <= 0:
+            raise ValueError("batch sizes must be positive")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"--actors must be >= 1, got {self.actors}")
+        if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor <= 8:
+            raise ValueError(f"--gpus-per-actor must be in [0, 8], got {self.gpus_per_actor}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"--limit must be >= 0, got {self.limit}")
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def default_ray_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None

@@ -1,0 +1,106 @@
+"""Read + decode + preprocess, in Ray Data CPU tasks: bytes -> sha256 -> RGB -> each model's inputs.
+
+Never raises for one bad input: a failure becomes error columns on its row (Ray Data drops rows of
+failed blocks, so an exception here would lose the whole batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import pickle
+from typing import Any
+
+import pyarrow as pa
+
+import encoders
+from storage.images import DecodeConfig, ImageDecodeError, decode_image
+from storage.sources import read_bytes
+
+INPUT_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("source_version", pa.string()),
+        ("models", pa.list_(pa.string())),
+    ]
+)
+
+
+def prep_col(model: str) -> str:
+    return f"prep__{model}"
+
+
+def err_col(model: str) -> str:
+    return f"err__{model}"
+
+
+def error_json(stage: str, error_type: str, message: str) -> str:
+    return json.dumps({"stage": stage, "type": error_type, "message": message[:2000]})
+
+
+@functools.lru_cache(maxsize=16)
+def _preprocessor(name: str, weights: str, options_json: str, storage_json: str) -> encoders.Encoder:
+    """One per worker process and model: processors are cheap, but not free to rebuild per batch."""
+    options, storage = json.loads(options_json), json.loads(storage_json)
+    return encoders.load_preprocessor(name, weights, storage_options=storage or None, **options)
+
+
+def _read_decode(uri: str, source_options: dict, config: DecodeConfig) -> tuple[Any, str | None, str | None]:
+    """(image, image_id, error_json): exactly one of image / error is set."""
+    try:
+        data = read_bytes(uri, source_options)
+    except Exception as e:  # noqa: BLE001 - any read failure is this input's error row, never the run's
+        return None, None, error_json("read", type(e).__name__, str(e))
+    image_id = hashlib.sha256(data).hexdigest()
+    try:
+        return decode_image(data, config, name=uri), image_id, None
+    except ImageDecodeError as e:
+        return None, image_id, error_json("decode", e.reason, e.message)
+
+
+def decode_batch(
+    batch: pa.Table,
+    *,
+    models: list[dict[str, Any]],
+    source_options: dict | None = None,
+    max_image_pixels: int | None = None,
+) -> pa.Table:
+    """models: [{"name", "weights", "options", "storage_options"}] of the run, in order."""
+    source_options = source_options or {}
+    config = DecodeConfig(max_pixels=max_image_pixels) if max_image_pixels else DecodeConfig()
+    pres = {
+        m["name"]: _preprocessor(
+            m["name"],
+            m["weights"],
+            json.dumps(m.get("options", {}), sort_keys=True),
+            json.dumps(m.get("storage_options", {}), sort_keys=True),
+        )  # fmt: skip
+        for m in models
+    }
+    rows = batch.to_pylist()
+    out: dict[str, list[Any]] = {k: [] for k in ("image_id", "width", "height", "error")}
+    for name in pres:
+        out[prep_col(name)], out[err_col(name)] = [], []
+    for row in rows:
+        image, image_id, error = _read_decode(row["uri"], source_options, config)
+        out["image_id"].append(image_id)
+        out["width"].append(image.width if image else None)
+        out["height"].append(image.height if image else None)
+        out["error"].append(error)
+        for name, pre in pres.items():
+            prepared, perr = None, None
+            if image is not None and name in (row["models"] or ()):
+                try:
+                    prepared = pickle.dumps(pre.preprocess_image(image), protocol=5)
+                except Exception as e:  # noqa: BLE001 - e.g. an aspect ratio the model refuses
+                    perr = error_json("decode", type(e).__name__, str(e))
+            out[prep_col(name)].append(prepared)
+            out[err_col(name)].append(perr)
+    table = batch.select(["uri", "size_bytes", "source_version", "models"])
+    types = {"image_id": pa.string(), "width": pa.int32(), "height": pa.int32(), "error": pa.string()}
+    for col, values in out.items():
+        typ = types.get(col, pa.large_binary() if col.startswith("prep__") else pa.string())
+        table = table.append_column(col, pa.array(values, type=typ))
+    return table

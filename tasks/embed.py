@@ -1,0 +1,99 @@
+"""The embedding actor: the encoder is loaded once in __init__ and stays resident on its device.
+
+Ray Data's callable-class contract: `__init__` loads, `__call__(batch) -> batch`. The Ray batch is an
+image count; inside it, images are packed into forwards by the token budget.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import encoders
+from tasks.decode import err_col, error_json, prep_col
+
+
+def emb_col(model: str) -> str:
+    return f"emb__{model}"
+
+
+def grid_col(model: str) -> str:
+    return f"grid__{model}"
+
+
+def tok_col(model: str) -> str:
+    return f"tok__{model}"
+
+
+class EmbedActor:
+    def __init__(
+        self,
+        *,
+        name: str,
+        weights: str,
+        revision: str,
+        dtype: str | None = None,
+        options: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        batch_tokens: int = 16384,
+        patches: bool = True,
+        patch_dtype: str = "fp16",
+        threads: int | None = None,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = name
+        self.encoder = encoders.load(
+            name, weights, dtype=dtype, storage_options=storage_options or None, **(options or {})
+        )
+        if self.encoder.revision != revision:
+            raise RuntimeError(
+                f"{name}: weights changed during the run (planned revision {revision}, "
+                f"loaded {self.encoder.revision}); re-run to plan against the new weights"
+            )
+        self.opts = self.encoder.options(patches=patches, patch_dtype=patch_dtype)
+        self.batch_tokens = batch_tokens
+        self.pid = os.getpid()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prepared_col = batch[prep_col(self.name)].to_pylist()
+        errors = batch[err_col(self.name)].to_pylist()
+        rows = [i for i, p in enumerate(prepared_col) if p is not None]
+        vectors: list[Any] = [None] * batch.num_rows
+        grids: list[Any] = [None] * batch.num_rows
+        tokens: list[Any] = [None] * batch.num_rows
+        if rows:
+            prepared = [pickle.loads(prepared_col[i]) for i in rows]
+            try:
+                result = self.encoder.embed_prepared(prepared, self.opts, batch_tokens=self.batch_tokens)
+            except Exception as e:  # noqa: BLE001 - the batch's inputs become error rows; the run goes on
+                for i in rows:
+                    errors[i] = error_json("embed", type(e).__name__, str(e))
+            else:
+                for j, i in enumerate(rows):
+                    vectors[i] = np.asarray(result.pooled[j], dtype=np.float32)
+                    grids[i] = list(result.grids[j])
+                    if self.opts.patches:
+                        tokens[i] = np.ascontiguousarray(result.patches[j]).tobytes()
+        emb = _vector_column(vectors, self.encoder.dim)
+        table = batch.drop_columns([prep_col(self.name), err_col(self.name)])
+        table = table.append_column(err_col(self.name), pa.array(errors, pa.string()))
+        table = table.append_column(emb_col(self.name), emb)
+        table = table.append_column(grid_col(self.name), pa.array(grids, pa.list_(pa.int32())))
+        return table.append_column(tok_col(self.name), pa.array(tokens, pa.large_binary()))
+
+
+def _vector_column(vectors: list[np.ndarray | None], dim: int) -> pa.Array:
+    """fixed_size_list<float32>[dim], null where the input failed."""
+    values = np.zeros((len(vectors), dim), dtype=np.float32)
+    missing = np.ones(len(vectors), dtype=bool)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            values[i], missing[i] = v, False
+    mask = pa.array(missing) if missing.any() else None
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=mask)

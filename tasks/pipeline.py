@@ -1,0 +1,132 @@
+"""The Ray Data pipeline of one run: items -> decode -> one actor pool per model -> staged shards.
+
+Backpressure, retries and actor scheduling are Ray Data's. The driver consumes staged shards as they
+are written and commits them one by one, so a long run commits continuously.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from storage.commit import StagedShard
+from tasks.config import RunConfig
+from tasks.decode import INPUT_SCHEMA, decode_batch
+from tasks.embed import EmbedActor
+from tasks.plan import ModelInfo, WorkItem
+from tasks.write import write_batch
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class ShardResult:
+    staged: StagedShard
+    inputs: int
+    embedded: dict[str, int]
+    errors: int
+
+
+def ensure_ray(address: str | None, quiet: bool = False) -> None:
+    """Join ADDRESS (a cluster) or start a local Ray on loopback sized to this machine."""
+    if ray.is_initialized():
+        return
+    with warnings.catch_warnings():
+        # Ray starts its processes with fork+exec; lancedb's at-fork warning is about plain forks.
+        warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+        if address:
+            ray.init(address=address, log_to_driver=not quiet)
+            return
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the local Ray on loopback
+        ray.init(include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=not quiet)
+
+
+@dataclass(frozen=True)
+class Sizing:
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    threads: int
+
+
+def actor_sizing(cfg: RunConfig, n_models: int) -> Sizing:
+    """One actor per GPU by default; on CPU, leave at least one core for read and decode tasks."""
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if cfg.actors is not None:
+        actors = cfg.actors
+    elif gpus_per_actor:
+        actors = max(1, int(gpus / gpus_per_actor / n_models))
+    else:
+        actors = max(1, int(cpus // 2 // n_models))
+    # CPU towers share what is left after one decode core among every actor
+    cpus_per_actor = 1.0 if gpus_per_actor else max(0.25, (cpus - 1) / (actors * n_models))
+    threads = max(1, int(cpus_per_actor)) if not gpus_per_actor else 1
+    return Sizing(actors, gpus_per_actor, min(cpus_per_actor, cpus), threads)
+
+
+def run_pipeline(
+    cfg: RunConfig, run_id: str, items: list[WorkItem], infos: dict[str, ModelInfo]
+) -> Iterator[ShardResult]:
+    if not items:
+        return
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = not cfg.quiet
+    ctx.enable_operator_progress_bars = not cfg.quiet
+    rows = [
+        {"uri": i.uri, "size_bytes": i.size, "source_version": i.version, "models": list(i.models)}
+        for i in items
+    ]
+    table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
+    n_blocks = max(1, min(len(items) // 16, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    ds = ray.data.from_arrow(table).repartition(n_blocks)
+    model_args = [
+        {"name": m.name, "weights": m.weights, "options": m.options, "storage_options": cfg.source_options}
+        for m in cfg.models
+    ]
+    ds = ds.map_batches(
+        decode_batch, batch_format="pyarrow", batch_size=16, num_cpus=1,
+        fn_kwargs={"models": model_args, "source_options": cfg.source_options},
+    )  # fmt: skip
+    sizing = actor_sizing(cfg, len(cfg.models))
+    for spec in cfg.models:
+        ds = ds.map_batches(
+            EmbedActor,
+            batch_format="pyarrow",
+            batch_size=cfg.batch_images,
+            compute=ActorPoolStrategy(size=sizing.actors),
+            num_gpus=sizing.gpus_per_actor,
+            num_cpus=sizing.cpus_per_actor,
+            fn_constructor_kwargs={
+                "name": spec.name, "weights": spec.weights, "revision": infos[spec.name].revision,
+                "dtype": spec.dtype, "options": spec.options, "storage_options": cfg.source_options,
+                "batch_tokens": cfg.batch_tokens, "patches": cfg.patches, "patch_dtype": cfg.patch_dtype,
+                "threads": sizing.threads,
+            },
+        )  # fmt: skip
+    write_infos = {
+        name: {"revision": i.revision, "preprocess": i.preprocess, "dim": i.dim, "patch_dim": i.patch_dim,
+               "dtype": "float32"}
+        for name, i in infos.items()
+    }  # fmt: skip
+    ds = ds.map_batches(
+        write_batch, batch_format="pyarrow", batch_size=cfg.batch_images, num_cpus=0.5,
+        fn_kwargs={"lake": cfg.lake, "lake_options": cfg.lake_options, "run_id": run_id,
+                   "dataset": cfg.dataset, "infos": write_infos, "patches": cfg.patches,
+                   "patch_dtype": cfg.patch_dtype},
+    )  # fmt: skip
+    for row in ds.iter_rows():
+        yield ShardResult(
+            staged=StagedShard(run_id, row["shard"], json.loads(row["files"])),
+            inputs=row["inputs"],
+            embedded=json.loads(row["embedded"]),
+            errors=row["errors"],
+        )
