@@ -7,7 +7,6 @@ are written and commits them one by one, so a long run commits continuously.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +43,6 @@ def ensure_ray(address: str | None, quiet: bool = False) -> None:
         if address:
             ray.init(address=address, log_to_driver=not quiet)
             return
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the local Ray on loopback
         ray.init(include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=not quiet)
 
 

@@ -227,3 +227,21 @@ def test_staged_shard_of_nothing_commits_nothing(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     assert Committer(lake).commit(StagedShard("r1", "00000", {})).rows == {}
     assert lake.list_files("_commits", ".json") == []
+
+
+def test_a_failed_commit_retried_resumes(tmp_path):
+    """A commit that died after its intent (e.g. S3 503 on a move) is finished by the retry."""
+    lake = Lake(str(tmp_path / "lake"))
+    run = new_run_id()
+    committer = Committer(lake)
+    staged = stage(lake, run, "00000", ["a.jpg", "b.jpg"])
+    restore = crash_after_moves(lake, 1)
+    with pytest.raises(Crash):
+        committer.commit(staged)
+    restore()
+    assert committer.commit(staged).resumed
+    assert (
+        count_rows(duck(tmp_path), lake, "embeddings") == 2
+        and count_rows(duck(tmp_path), lake, "patches") == 2
+    )
+    assert committer.commit(stage(lake, run, "00001", ["a.jpg"])).duplicates == 2
