@@ -245,3 +245,47 @@ def test_a_failed_commit_retried_resumes(tmp_path):
         and count_rows(duck(tmp_path), lake, "patches") == 2
     )
     assert committer.commit(stage(lake, run, "00001", ["a.jpg"])).duplicates == 2
+
+
+def test_crash_and_rerun_keep_parquet_and_lancedb_in_agreement(tmp_path):
+    """The same crash, with the real LanceDB table as the vector side of the commit."""
+    import pyarrow as pa
+
+    from storage.vectors import VectorTable
+
+    lake = Lake(str(tmp_path / "lake"))
+    table = VectorTable.open(str(tmp_path / "lake"), MODEL, DIM)
+    dying = []
+
+    def merge(model, dataset, rows):
+        if dying:
+            raise Crash("killed before the vector merge")
+        table.merge(rows.append_column("dataset", pa.array([dataset] * rows.num_rows)))
+
+    inputs = [f"img{i:02d}.jpg" for i in range(12)]
+    run1 = new_run_id()
+    committer = Committer(lake, merge)
+    committer.commit(stage(lake, run1, "00000", inputs[:4]))
+    staged = stage(lake, run1, "00001", inputs[4:8])
+    restore = crash_after_moves(lake, 2)  # both files moved, then death before the vector merge
+    dying.append(True)
+    with pytest.raises(Crash):
+        committer.commit(staged)
+    restore()
+    dying.clear()
+    assert table.count() == 4  # Parquet is ahead of LanceDB until recovery
+    recover(lake, merge)
+    assert table.count() == 8
+    run2 = new_run_id()
+    done = Ledger(lake).done_keys(DATASET, MODEL, "rev1", "pp1")
+    Committer(lake, merge).commit(stage(lake, run2, "00000", [u for u in inputs if key(u) not in done]))
+    parquet_ids = (
+        duck(tmp_path)
+        .execute(
+            f"SELECT image_id FROM read_parquet('{lake.base}/embeddings/**/*.parquet', "
+            "hive_partitioning=true) ORDER BY image_id"
+        )
+        .fetchall()
+    )
+    lance_ids = sorted(table.table.to_arrow()["image_id"].to_pylist())
+    assert [r[0] for r in parquet_ids] == lance_ids and len(lance_ids) == 12
