@@ -85,7 +85,8 @@ def run_pipeline(
     ]
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
     n_blocks = max(1, min(len(items) // 16, 4 * int(ray.cluster_resources().get("CPU", 1))))
-    ds = ray.data.from_arrow(table).repartition(n_blocks)
+    step = -(-table.num_rows // n_blocks)
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     model_args = [
         {"name": m.name, "weights": m.weights, "options": m.options, "storage_options": cfg.source_options}
         for m in cfg.models

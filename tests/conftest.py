@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ from _support import smooth_image
 from PIL import Image
 
 import encoders
+
+# Ray reads these when it is imported (test modules import it at collection): token auth without
+# writing ~/.ray/auth_token, and a local Ray that listens on 127.0.0.1 only.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,3 +99,23 @@ def s3(s3_server, request):
     yield bucket, options
     fs = s3fs.S3FileSystem(**options)
     fs.rm(f"{bucket}", recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(_sandbox):
+    """A local Ray on 127.0.0.1 with 2 CPUs, shared by the tests of a session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(_sandbox):
+    """Prefect's own test harness: a temporary API on a throwaway SQLite database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,0 +1,117 @@
+"""The embed flow end to end: Prefect (test harness) + local Ray with 2 CPU actors + the lake."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import duckdb
+import numpy as np
+import pytest
+
+import encoders
+from flows.demo import make_corpus
+from flows.embed import embed_corpus
+from storage.vectors import VectorTable
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local", "prefect_harness")]
+N_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    files = make_corpus(root / "images", N_IMAGES, seed=3)
+    return root / "images", files
+
+
+def duck(tmp_path):
+    con = duckdb.connect()
+    con.execute(f"SET extension_directory = '{tmp_path / 'duckdb-ext'}'")
+    return con
+
+
+def run(source, lake, weights, model="qwen2_5_vl", **kw):
+    return embed_corpus(source=str(source), out=str(lake), model=model, weights=str(weights), actors=2,
+                        quiet=True, **kw)  # fmt: skip
+
+
+def test_end_to_end_exactly_once_then_resume(corpus, checkpoint, tmp_path):
+    source, files = corpus
+    lake = tmp_path / "lake"
+    weights = checkpoint("qwen2_5_vl")
+    summary = run(source, lake, weights)
+    c = summary["counts"]
+    assert summary["status"] == "succeeded"
+    assert c["listed"] == N_IMAGES + 2 and c["embedded"] == N_IMAGES and c["errors"] == 2
+    assert c["embedded"] + c["errors"] + c["skipped_done"] == c["listed"]
+    assert summary["errors_by_reason"] == {"decode/not_an_image": 1, "decode/truncated": 1}
+
+    con = duck(tmp_path)
+    emb = f"read_parquet('{lake}/embeddings/**/*.parquet', hive_partitioning=true)"
+    assert con.execute(f"SELECT count(*), count(DISTINCT uri) FROM {emb}").fetchone() == (N_IMAGES, N_IMAGES)
+    assert con.execute(f"SELECT DISTINCT model, dataset FROM {emb}").fetchall() == [("qwen2_5_vl", "default")]
+    dim = encoders.load("qwen2_5_vl", weights).dim
+    cos = f"array_cosine_similarity(embedding::FLOAT[{dim}], embedding::FLOAT[{dim}])"
+    sim = con.execute(f"SELECT min({cos}) FROM {emb}").fetchone()[0]
+    assert abs(sim - 1) < 1e-5
+    patches = f"read_parquet('{lake}/patches/**/*.parquet', hive_partitioning=true)"
+    assert con.execute(f"SELECT count(*), min(len(tokens) = grid_h * grid_w) FROM {patches}").fetchone() == (
+        N_IMAGES, True)  # fmt: skip
+    errors = con.execute(
+        f"SELECT uri, stage FROM read_parquet('{lake}/errors/**/*.parquet', hive_partitioning=true) "
+        "ORDER BY uri"
+    ).fetchall()
+    assert [(os.path.basename(u), s) for u, s in errors] == [
+        ("broken-not-an-image.png", "decode"), ("broken-truncated.jpg", "decode")]  # fmt: skip
+    table = VectorTable.open(str(lake), "qwen2_5_vl", dim)
+    ids = table.table.to_arrow()["image_id"].to_pylist()
+    parquet_ids = {r[0] for r in con.execute(f"SELECT image_id FROM {emb}").fetchall()}
+    assert len(ids) == len(set(ids)) == len(parquet_ids) and set(ids) == parquet_ids
+    manifest = json.loads((lake / "_runs" / f"{summary['run_id']}.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["counts"]["embedded"] == N_IMAGES
+    assert not (lake / "_staging").exists() or not any((lake / "_staging").rglob("*.parquet"))
+
+    again = run(source, lake, weights)
+    assert again["counts"]["planned"] == 0 and again["counts"]["embedded"] == 0
+    assert again["counts"]["skipped_done"] == N_IMAGES + 2
+
+    changed = next(f for f in files if f.suffix == ".png" and "broken" not in f.name)
+    time.sleep(0.01)
+    changed.write_bytes(changed.read_bytes() + b"\0")  # new size and mtime: a new input version
+    third = run(source, lake, weights)
+    assert third["counts"]["planned"] == 1 and third["counts"]["embedded"] == 1
+    rows = con.execute(f"SELECT count(*) FROM {emb} WHERE uri = ?", [str(changed)]).fetchone()[0]
+    assert rows == 2  # both versions are kept, each once
+
+
+def test_flow_embeddings_equal_the_python_api(corpus, checkpoint, tmp_path):
+    source, files = corpus
+    lake = tmp_path / "lake"
+    weights = checkpoint("dinov2")
+    run(source, lake, weights, model="dinov2", limit=20)
+    con = duck(tmp_path)
+    rows = con.execute(
+        f"SELECT uri, embedding FROM read_parquet('{lake}/embeddings/**/*.parquet', hive_partitioning=true) "
+        "ORDER BY uri"
+    ).fetchall()
+    assert len(rows) == 20
+    enc = encoders.load("dinov2", weights)
+    expected = enc.embed([u for u, _ in rows]).pooled
+    np.testing.assert_allclose(np.array([e for _, e in rows], dtype=np.float32), expected, atol=1e-5)
+
+
+def test_several_models_from_one_decode_pass(corpus, checkpoint, tmp_path):
+    source, _ = corpus
+    lake = tmp_path / "lake"
+    weights = f"qwen3_vl={checkpoint('qwen3_vl')},glm4v={checkpoint('glm4v')}"
+    summary = run(source, lake, weights, model="qwen3_vl,glm4v", limit=30, patches=False)
+    assert summary["counts"]["embedded"] == 30
+    con = duck(tmp_path)
+    got = con.execute(
+        f"SELECT model, count(*) FROM read_parquet('{lake}/embeddings/**/*.parquet', hive_partitioning=true) "
+        "GROUP BY model ORDER BY model"
+    ).fetchall()
+    assert got == [("glm4v", 30), ("qwen3_vl", 30)]
+    assert not (lake / "patches").exists()
