@@ -84,7 +84,11 @@ def run_pipeline(
         for i in items
     ]
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
-    n_blocks = max(1, min(len(items) // 16, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    sizing = actor_sizing(cfg, len(cfg.models))
+    # enough blocks that every actor gets work and decode overlaps embedding; not so many that
+    # per-block overhead dominates small runs
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_blocks = min(len(items), max(2 * sizing.actors, min(len(items) // 16, 4 * cpus)))
     step = -(-table.num_rows // n_blocks)
     ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     model_args = [
@@ -95,7 +99,6 @@ def run_pipeline(
         decode_batch, batch_format="pyarrow", batch_size=16, num_cpus=1,
         fn_kwargs={"models": model_args, "source_options": cfg.source_options},
     )  # fmt: skip
-    sizing = actor_sizing(cfg, len(cfg.models))
     for spec in cfg.models:
         ds = ds.map_batches(
             EmbedActor,

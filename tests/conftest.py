@@ -102,8 +102,12 @@ def s3(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_local(_sandbox):
-    """A local Ray on 127.0.0.1 with 2 CPUs, shared by the tests of a session."""
+def ray_local(_sandbox, s3_server):
+    """A local Ray on 127.0.0.1 with 2 CPUs, shared by the tests of a session.
+
+    Started after the S3 server so that its workers inherit the (test) AWS credentials from the
+    environment, as workers of a real cluster get theirs from the node's credential chain.
+    """
     import ray
 
     if not ray.is_initialized():

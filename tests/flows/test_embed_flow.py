@@ -115,3 +115,38 @@ def test_several_models_from_one_decode_pass(corpus, checkpoint, tmp_path):
     ).fetchall()
     assert got == [("glm4v", 30), ("qwen3_vl", 30)]
     assert not (lake / "patches").exists()
+
+
+def test_source_and_lake_on_s3(corpus, checkpoint, s3, tmp_path):
+    import s3fs
+
+    bucket, options = s3
+    source, files = corpus
+    fs = s3fs.S3FileSystem(**options)
+    picked = sorted(files)[:24] + [f for f in files if "broken" in f.name]
+    for f in picked:
+        fs.put_file(str(f), f"{bucket}/photos/{f.name}")
+    lake = f"s3://{bucket}/lake"
+    summary = embed_corpus(
+        source=f"s3://{bucket}/photos", out=lake, model="qwen2_5_vl", weights=str(checkpoint("qwen2_5_vl")),
+        actors=2, quiet=True, source_options=options, lake_options=options,
+    )  # fmt: skip
+    c = summary["counts"]
+    assert (c["listed"], c["embedded"], c["errors"]) == (len(picked), len(picked) - 2, 2)
+    con = duck(tmp_path)
+    con.register_filesystem(fs)
+    got = con.execute(
+        f"SELECT count(*), count(DISTINCT uri), min(uri) FROM read_parquet('{lake}/embeddings/**/*.parquet', "
+        "hive_partitioning=true)"
+    ).fetchone()
+    assert got[:2] == (len(picked) - 2, len(picked) - 2) and got[2].startswith(f"s3://{bucket}/photos/")
+    table = VectorTable.open(
+        lake, "qwen2_5_vl", encoders.load("qwen2_5_vl", checkpoint("qwen2_5_vl")).dim, options
+    )
+    assert table.count() == len(picked) - 2
+    assert not fs.exists(f"{bucket}/lake/_staging") or fs.find(f"{bucket}/lake/_staging") == []
+    again = embed_corpus(
+        source=f"s3://{bucket}/photos", out=lake, model="qwen2_5_vl", weights=str(checkpoint("qwen2_5_vl")),
+        actors=2, quiet=True, source_options=options, lake_options=options,
+    )  # fmt: skip
+    assert again["counts"]["embedded"] == 0 and again["counts"]["skipped_done"] == len(picked)
