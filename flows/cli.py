@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="embed a generated corpus with every encoder (tiny checkpoints)")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (default ./demo-out)")
-    p.add_argument("--images", type=_int_at_least(1), default=24, help="number of images (default 24)")
+    p.add_argument("--images", type=_int_at_least(1), default=300, help="number of images (default 300)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="corpus and weights seed (default 0)")
     p.set_defaults(func=cmd_demo)
 
@@ -149,8 +149,17 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _quiet_prefect(args: argparse.Namespace) -> None:
+    """Before prefect is imported: no telemetry from the temporary local API, and, for quiet runs
+    and the demo, only warnings from Prefect's loggers."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.command == "demo" or getattr(args, "quiet", False):
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors: argparse prints usage + error, exits 2
+    _quiet_prefect(args)
     import encoders
     from flows.cli_embed import UsageError
 

@@ -1,9 +1,9 @@
-"""The pre-flow demo: a generated corpus, a tiny checkpoint per encoder, every encoder embedding it.
+"""`make demo`: the main job on embedded defaults, on a generated corpus with tiny checkpoints.
 
-`towerflow demo` shows the whole encoder contract on one machine without downloads: varied images
-(sizes, aspect ratios, formats, modes, an EXIF-rotated JPEG) plus two broken files that must become
-error lines, not crashes. The embed flow (Prefect + Ray: plan, decode, embed, commit) will replace the
-middle part; corpus generation and the printed report stay the demo's own.
+Varied images (sizes, aspect ratios, formats, modes, an EXIF-rotated JPEG) plus broken files go
+through `embed_corpus` (local Ray with 2 actors per model, Prefect's temporary API, a local lake);
+then the demo shows what users do next: counts, errors by reason, the lake tree, a DuckDB query and
+a LanceDB nearest-neighbour lookup. A second run resumes and embeds nothing new.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 from PIL import Image, ImageDraw
 
 import encoders
-from storage.images import ImageDecodeError, load_image
 
 # (format, mode) cycled over the corpus; JPEG cannot hold alpha or a palette, so those go to PNG/WebP.
 KINDS = (
@@ -36,8 +36,10 @@ CHECKPOINT_MARKERS = ("config.json", "towerflow.json")
 @dataclass
 class DemoConfig:
     out: Path = Path("demo-out")
-    images: int = 24
+    images: int = 300
     seed: int = 0
+    models: tuple[str, ...] = ("qwen2_5_vl", "dinov2")
+    actors: int = 2
 
 
 # -- corpus ----------------------------------------------------------------------------------------
@@ -116,7 +118,14 @@ def make_corpus(directory: Path, n: int, seed: int) -> list[Path]:
     return paths + [truncated, text]
 
 
-# -- checkpoints, decode, embed --------------------------------------------------------------------
+# -- checkpoints, run, show -------------------------------------------------------------------------
+def ensure_corpus(directory: Path, n: int, seed: int) -> tuple[list[Path], bool]:
+    """Generate once: rewriting the files would give them new mtimes, i.e. new input versions."""
+    if directory.is_dir() and any(directory.iterdir()):
+        return sorted(p for p in directory.iterdir() if p.is_file()), False
+    return make_corpus(directory, n, seed), True
+
+
 def ensure_checkpoint(name: str, directory: Path, seed: int) -> bool:
     """Write NAME's tiny checkpoint unless DIRECTORY already holds one; True when written."""
     if any((directory / m).exists() for m in CHECKPOINT_MARKERS):
@@ -125,79 +134,91 @@ def ensure_checkpoint(name: str, directory: Path, seed: int) -> bool:
     return True
 
 
-def decode_all(paths: list[Path]) -> tuple[list[Path], list[Image.Image], list[dict[str, str]]]:
-    """Decode once for all encoders; a bad file becomes an error record with the loader's reason."""
-    good, images, errors = [], [], []
-    for path in paths:
-        try:
-            images.append(load_image(path))
-            good.append(path)
-        except ImageDecodeError as e:
-            message = e.message.removeprefix(f"{path}: ")  # the file is already named
-            errors.append({"file": path.name, "reason": e.reason, "message": message})
-    return good, images, errors
-
-
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
+def lake_tree(lake: Path, depth: int = 3) -> list[str]:
+    """Directories of the lake with their file counts (the hive layout at a glance)."""
+    lines = []
+    for d in sorted(p for p in lake.rglob("*") if p.is_dir()):
+        rel = d.relative_to(lake)
+        if len(rel.parts) > depth or any(part.startswith(".") for part in rel.parts):
+            continue
+        files = [f for f in d.iterdir() if f.is_file()]
+        size = sum(f.stat().st_size for f in files)
+        suffix = f"  ({len(files)} files, {size / 1024:.0f} KB)" if files else ""
+        lines.append(f"  {'  ' * (len(rel.parts) - 1)}{rel.name}/{suffix}")
+    return lines
+
+
+def duckdb_queries(lake: Path, model: str, dim: int) -> dict[str, list[tuple]]:
+    con = duckdb.connect()
+    emb = f"read_parquet('{lake}/embeddings/**/*.parquet', hive_partitioning=true)"
+    per_model = con.execute(
+        f"SELECT model, dataset, count(*) AS images, round(avg(width)) AS avg_w, round(avg(height)) AS avg_h "
+        f"FROM {emb} GROUP BY ALL ORDER BY model"
+    ).fetchall()
+    query = con.execute(
+        f"SELECT uri, embedding FROM {emb} WHERE model = ? ORDER BY uri LIMIT 1", [model]
+    ).fetchone()
+    nearest = con.execute(
+        f"SELECT uri, array_cosine_similarity(embedding::FLOAT[{dim}], ?::FLOAT[{dim}]) AS cos FROM {emb} "
+        "WHERE model = ? ORDER BY cos DESC LIMIT 4",
+        [query[1], model],
+    ).fetchall()
+    return {"per_model": per_model, "query": [query[:1]], "nearest": nearest}
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Corpus -> checkpoints -> decode -> embed with every registered encoder; prints, returns a summary."""
+    """Corpus -> checkpoints -> `embed_corpus` -> what is in the lake; prints, returns a summary."""
     if cfg.images < 1:
         raise ValueError(f"images must be at least 1, got {cfg.images}")
-    out = Path(cfg.out)
-    files = make_corpus(out / "corpus", cfg.images, cfg.seed)
-    print(f"corpus: {cfg.images} images + 2 broken files in {out / 'corpus'} (seed {cfg.seed})")
+    from flows.embed import embed_corpus
+    from storage.vectors import VectorTable
 
+    out = Path(cfg.out).resolve()
+    corpus, fresh = ensure_corpus(out / "corpus", cfg.images, cfg.seed)
+    print(f"corpus: {len(corpus)} files in {out / 'corpus'} ({'generated' if fresh else 'reused'})")
+    weights = []
+    for name in cfg.models:
+        ensure_checkpoint(name, out / "checkpoints" / name, cfg.seed)
+        weights.append(f"{name}={out / 'checkpoints' / name}")
+    lake = out / "lake"
     t0 = time.perf_counter()
-    good, images, errors = decode_all(files)
-    print(f"decode: {len(good)}/{len(files)} files in {time.perf_counter() - t0:.2f} s")
-    exif = [(p, img) for p, img in zip(good, images, strict=True) if "exif6" in p.name]
-    for p, img in exif:
-        with Image.open(p) as stored:
-            w, h = stored.size
-        print(f"        {p.name}: EXIF orientation 6, stored {w}x{h} -> upright {img.width}x{img.height}")
-
-    header = ["encoder", "revision", "pooled", "dtype out/model", "device", "images", "tokens/image",
-              "load s", "embed s", "checkpoint"]  # fmt: skip
-    rows, summary = [header], {}
-    for name in encoders.available():
-        ckpt_dir = out / "checkpoints" / name
-        written = ensure_checkpoint(name, ckpt_dir, cfg.seed)
-        t0 = time.perf_counter()
-        enc = encoders.load(name, weights=ckpt_dir)
-        t_load = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = enc.embed(images)
-        t_embed = time.perf_counter() - t0
-        tokens = [h * w for h, w in res.grids]
-        info = {
-            "revision": enc.revision,
-            "shape": tuple(res.pooled.shape),
-            "dtype": str(res.pooled.dtype),
-            "model_dtype": str(enc.dtype).removeprefix("torch."),
-            "device": str(enc.device),
-            "images": len(res),
-            "tokens": (min(tokens), max(tokens)) if tokens else (0, 0),
-            "load_s": t_load,
-            "embed_s": t_embed,
-            "checkpoint": "written" if written else "reused",
-        }
-        summary[name] = info
-        rows.append([name, enc.revision, str(info["shape"]), f"{info['dtype']}/{info['model_dtype']}",
-                     info["device"], str(len(res)), "{}..{}".format(*info["tokens"]), f"{t_load:.2f}",
-                     f"{t_embed:.2f}", f"{info['checkpoint']} {ckpt_dir}"])  # fmt: skip
-    print()
-    print(_table(rows))
-    print(f"\nerrors ({len(errors)}):")
-    if errors:
-        print(_table([["  " + e["file"], e["reason"], e["message"]] for e in errors]))
-    return {
-        "out": str(out),
-        "files": len(files),
-        "images": len(good),
-        "encoders": summary,
-        "errors": errors,
-    }
+    summary = embed_corpus(source=str(out / "corpus"), out=str(lake), model=",".join(cfg.models),
+                           weights=",".join(weights), actors=cfg.actors, quiet=True)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    c = summary["counts"]
+    print(f"\nrun {summary['run_id']} ({summary['status']}, {seconds:.1f} s): listed {c['listed']}, "
+          f"skipped as done {c['skipped_done']}, embedded {c['embedded']}, errors {c['errors']}")  # fmt: skip
+    for reason, n in summary["errors_by_reason"].items():
+        print(f"  error {reason}: {n}")
+    print(f"\nlake {lake}:")
+    print("\n".join(lake_tree(lake)))
+    model = cfg.models[0]
+    dim = summary["encoders"][0]["dim"]
+    sql = duckdb_queries(lake, model, dim)
+    print("\nDuckDB: images per model and dataset")
+    print(
+        _table(
+            [["model", "dataset", "images", "avg w", "avg h"]]
+            + [[str(v) for v in r] for r in sql["per_model"]]
+        )
+    )
+    print(f"\nDuckDB: nearest to {Path(sql['query'][0][0]).name} by array_cosine_similarity ({model})")
+    print(_table([[Path(u).name, f"{s:.4f}"] for u, s in sql["nearest"]]))
+    table = VectorTable.open(str(lake), model, dim)
+    vector = table.get([table.table.to_arrow()["image_id"][0].as_py()])["vector"][0].as_py()
+    hits = table.search(vector, k=4)
+    print(f"\nLanceDB ({table.count()} rows, index {summary['index'][model]['index']}): nearest neighbours")
+    print(
+        _table(
+            [
+                [Path(u).name, f"{d:.4f}"]
+                for u, d in zip(hits["uri"].to_pylist(), hits["_distance"].to_pylist(), strict=True)
+            ]
+        )
+    )
+    return {"summary": summary, "seconds": seconds, "sql": sql, "lance_hits": hits.num_rows}

@@ -100,7 +100,8 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     manifest.timings["plan"] = round(time.perf_counter() - t0, 3)
     status = "failed"
     try:
-        ensure_ray(cfg.ray_address, cfg.quiet)
+        if plan.items:
+            ensure_ray(cfg.ray_address, cfg.quiet)
         t1 = time.perf_counter()
         for result in run_pipeline(cfg, run_id, plan.items, infos):
             commit_shard(session, result)

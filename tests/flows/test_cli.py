@@ -90,27 +90,23 @@ def _corpus_digest(corpus: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(corpus.iterdir())}
 
 
-def test_demo_embeds_with_every_encoder_and_reports_bad_files(tmp_path, capsys):
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local", "prefect_harness")
+def test_demo_runs_the_embed_flow_then_resumes(tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    assert main(["demo", "--out", str(out_dir), "--images", "8"]) == 0
+    assert main(["demo", "--out", str(out_dir), "--images", "12"]) == 0
     printed = capsys.readouterr().out
     first_corpus = _corpus_digest(out_dir / "corpus")
-    assert len(first_corpus) == 10 and "errors (2):" in printed
+    assert len(first_corpus) == 14
+    assert "embedded 12, errors 2" in printed and "error decode/truncated: 1" in printed
+    assert "model=qwen2_5_vl/" in printed and "model=dinov2/" in printed and "LanceDB (12 rows" in printed
 
-    summary = run_demo(DemoConfig(out=out_dir, images=8, seed=0))  # second run: checkpoints reused
-    assert set(summary["encoders"]) == NAMES
-    for name, info in summary["encoders"].items():
-        assert info["shape"][0] == 8 and info["images"] == 8, name
-        assert info["dtype"] == "float32"
-        assert info["checkpoint"] == "reused"
-        assert info["revision"] in printed  # same weights as the first run
-        assert 0 < info["tokens"][0] <= info["tokens"][1]
-    assert summary["images"] == 8 and summary["files"] == 10
-    assert {(e["file"], e["reason"]) for e in summary["errors"]} == {
-        ("broken-truncated.jpg", "truncated"),
-        ("broken-not-an-image.png", "not_an_image"),
-    }
-    assert _corpus_digest(out_dir / "corpus") == first_corpus  # deterministic from the seed
+    summary = run_demo(DemoConfig(out=out_dir, images=12, models=("qwen2_5_vl",)))  # second run
+    counts = summary["summary"]["counts"]
+    assert counts["embedded"] == 0 and counts["skipped_done"] == 14
+    assert summary["sql"]["nearest"][0][0] == summary["sql"]["query"][0][0]  # an image is its own nearest
+    assert abs(summary["sql"]["nearest"][0][1] - 1.0) < 1e-5 and summary["lance_hits"] == 4
+    assert _corpus_digest(out_dir / "corpus") == first_corpus  # reused, not regenerated
 
 
 def test_module_entry_point_help():
@@ -119,4 +115,42 @@ def test_module_entry_point_help():
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert done.returncode == 0
-    assert all(cmd in done.stdout for cmd in ("models", "make-checkpoint", "demo"))
+    assert all(cmd in done.stdout for cmd in ("models", "make-checkpoint", "demo", "embed", "runs"))
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    from _support import smooth_image
+
+    d = tmp_path / "src"
+    d.mkdir()
+    smooth_image(40, 60).save(d / "a.png")
+    return d
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "clip"], "unknown encoder 'clip'"),
+        (["--weights", "/nonexistent/ckpt"], "no such directory"),
+        (["--source", "/nonexistent/photos"], "does not exist"),
+        (["--out", "FILE/lake"], "is not writable"),
+        (["--dataset", "../escape"], "dataset '../escape' is not allowed"),
+        (["--batch-tokens", "0"], "--batch-tokens must be positive"),
+        (["--model", "qwen2_5_vl,dinov2"], "2 models but 3 weights"),
+    ],
+)
+def test_embed_bad_arguments_exit_2_before_any_work(args, message, tiny_corpus, checkpoint, tmp_path, capsys):
+    a_file = tmp_path / "plain-file"
+    a_file.write_text("x")
+    opts = {"--model": "qwen2_5_vl", "--weights": str(checkpoint("qwen2_5_vl")), "--source": str(tiny_corpus),
+            "--out": str(tmp_path / "lake")}  # fmt: skip
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        opts[flag] = value.replace("FILE", str(a_file))
+    if opts["--model"] == "qwen2_5_vl,dinov2":
+        opts["--weights"] = str(checkpoint("qwen2_5_vl")) + ",x,y"
+    argv = ["embed", opts.pop("--source"), *[x for kv in opts.items() for x in kv]]
+    assert main(argv) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("towerflow: error: ") and message in lines[0], lines
+    assert not (tmp_path / "lake" / "_runs").exists()
