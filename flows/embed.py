@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
 
 from storage.lake import new_run_id
 from tasks.commit import clean_staging, commit_shard, open_lake, refresh_indexes
@@ -103,8 +104,13 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
         if plan.items:
             ensure_ray(cfg.ray_address, cfg.quiet)
         t1 = time.perf_counter()
-        for result in run_pipeline(cfg, run_id, plan.items, infos):
-            commit_shard(session, result)
+        with tqdm(
+            total=len(plan.items), unit="img", desc="embedding", disable=cfg.quiet or not plan.items
+        ) as bar:
+            for result in run_pipeline(cfg, run_id, plan.items, infos):
+                commit_shard(session, result)
+                bar.update(result.inputs)
+                bar.set_postfix(errors=session.totals.rows.get("errors", 0), refresh=False)
         manifest.timings["embed"] = round(time.perf_counter() - t1, 3)
         clean_staging(session, run_id)
         status = "succeeded"

@@ -77,8 +77,7 @@ def run_pipeline(
     if not items:
         return
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = not cfg.quiet
-    ctx.enable_operator_progress_bars = not cfg.quiet
+    ctx.enable_progress_bars = False  # the flow shows one bar: images committed, images/s, errors
     rows = [
         {"uri": i.uri, "size_bytes": i.size, "source_version": i.version, "models": list(i.models)}
         for i in items
