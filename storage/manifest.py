@@ -23,6 +23,10 @@ class EncoderRecord:
     preprocess_config: dict[str, Any] = field(default_factory=dict)
     dim: int = 0
     dtype: str = ""
+    weights: str = ""  # where the weights came from (credentials removed), so search can reload them
+
+    def __post_init__(self) -> None:
+        self.weights = redact_url(str(self.weights))
 
 
 @dataclass

@@ -20,9 +20,17 @@ from tasks.plan import ModelInfo, Plan
 
 
 def new_manifest(cfg: RunConfig, run_id: str, infos: dict[str, ModelInfo]) -> RunManifest:
-    dtypes = {m.name: m.dtype or "auto" for m in cfg.models}
+    specs = {m.name: m for m in cfg.models}
     encoders = [
-        EncoderRecord(i.name, i.revision, i.preprocess, i.preprocess_config, i.dim, dtypes[i.name])
+        EncoderRecord(
+            i.name,
+            i.revision,
+            i.preprocess,
+            i.preprocess_config,
+            i.dim,
+            specs[i.name].dtype or "auto",
+            str(specs[i.name].weights),
+        )  # fmt: skip
         for i in infos.values()
     ]
     return RunManifest(run_id, cfg.source, cfg.dataset, encoders)
