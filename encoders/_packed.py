@@ -24,6 +24,14 @@ def block_to_row_major(x: torch.Tensor, t: int, h: int, w: int, m: int) -> torch
 class PackedTowerEncoder(TowerEncoder):
     """Shared forward for towers taking (pixel_values (seq, C*T*P*P), grid_thw) and merging m x m tokens."""
 
+    @classmethod
+    def processor_overrides(
+        cls, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> dict[str, Any]:
+        """Pixels per image, bounds of the smart resize (the Qwen processors take them as they are)."""
+        out = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        return {k: v for k, v in out.items() if v is not None}
+
     @property
     def merge(self) -> int:
         return int(self.config.spatial_merge_size)

@@ -60,13 +60,6 @@ class Qwen25VLEncoder(PackedTowerEncoder):
             "image_std": CLIP_STD,
         }
 
-    @classmethod
-    def processor_overrides(
-        cls, min_pixels: int | None = None, max_pixels: int | None = None
-    ) -> dict[str, Any]:
-        out = {"min_pixels": min_pixels, "max_pixels": max_pixels}
-        return {k: v for k, v in out.items() if v is not None}
-
     def pre_merger_states(self, out: Any, grid_thw: torch.Tensor) -> torch.Tensor:
         """last_hidden_state comes back in window order; undo it per merge unit."""
         cfg = self.config

@@ -59,13 +59,6 @@ class Qwen3VLEncoder(PackedTowerEncoder):
             "size": {"shortest_edge": 65536, "longest_edge": 16777216},
         }
 
-    @classmethod
-    def processor_overrides(
-        cls, min_pixels: int | None = None, max_pixels: int | None = None
-    ) -> dict[str, Any]:
-        out = {"min_pixels": min_pixels, "max_pixels": max_pixels}
-        return {k: v for k, v in out.items() if v is not None}
-
     def extras(self, out: Any, merged_counts: list[int], opts: EmbedOptions) -> dict[str, list[torch.Tensor]]:
         """Deepstack features per image as (layers, tokens, D), merged like the LLM-facing tokens."""
         if not opts.deepstack:
