@@ -46,6 +46,7 @@ def add_embed_parser(sub: Any) -> None:
         "--gpus-per-actor", type=float, help="GPUs per actor, fractional allowed (default 1 on GPU)"
     )
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget of one packed forward")
+    p.add_argument("--batch-images", type=int, default=64, help="images per actor call and per shard")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument(
         "--patches", action=argparse.BooleanOptionalAction, default=True, help="write patch tokens"
@@ -79,6 +80,7 @@ def preflight(args: argparse.Namespace, options: dict[str, Any]) -> None:
     for flag, value in (
         ("--actors", args.actors),
         ("--batch-tokens", args.batch_tokens),
+        ("--batch-images", args.batch_images),
         ("--limit", args.limit),
     ):
         if value is not None and value < (0 if flag == "--limit" else 1):
@@ -113,6 +115,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         summary = embed_corpus(
             source=args.source, out=args.out, model=args.model, weights=args.weights, dataset=args.dataset,
             actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_tokens=args.batch_tokens,
+            batch_images=args.batch_images,
             dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
             ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
         )  # fmt: skip

@@ -143,20 +143,25 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError(" ".join(str(e).split())) from None
     for note in result.notes:
         print(f"towerflow: note: {note}", file=sys.stderr)
+    report(args, result, lake.url, png, summary)
+    return 0
+
+
+def report(args: argparse.Namespace, result: Any, lake_url: str, png: Path, summary: dict | None) -> None:
+    """JSON (results, lake, png, and the embed run of a one-shot build) or the text table."""
     if args.json:
-        out = {**result.to_dict(), "lake": lake.url, "png": str(png)}
+        out = {**result.to_dict(), "lake": lake_url, "png": str(png)}
         if summary is not None:
             out["embedded"] = {"run_id": summary["run_id"], "counts": summary["counts"]}
         print(json.dumps(out, indent=2, default=str))
-        return 0
+        return
     if summary is not None:
         c = summary["counts"]
-        print(f"built {lake.url}: run {summary['run_id']}, embedded {c['embedded']}, errors {c['errors']}")
+        print(f"built {lake_url}: run {summary['run_id']}, embedded {c['embedded']}, errors {c['errors']}")
     elif args.image_dir is not None:
-        print(f"reusing {lake.url} (--build-index to embed new files of {args.image_dir})")
+        print(f"reusing {lake_url} (--build-index to embed new files of {args.image_dir})")
     print_results(result)
     print(f"grid: {png}")
-    return 0
 
 
 def print_results(result: Any) -> None:

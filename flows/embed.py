@@ -65,6 +65,7 @@ def embed_corpus(
     actors: int | None = None,
     gpus_per_actor: float | None = None,
     batch_tokens: int = 16384,
+    batch_images: int = 64,
     dtype: str | None = None,
     patches: bool = True,
     max_pixels: int | None = None,
@@ -83,7 +84,8 @@ def embed_corpus(
     specs = parse_models(model, weights, dtype, options)
     cfg = RunConfig(
         source=source, lake=out, models=specs, dataset=dataset, actors=actors, gpus_per_actor=gpus_per_actor,
-        batch_tokens=batch_tokens, patches=patches, limit=limit, ray_address=default_ray_address(ray_address),
+        batch_tokens=batch_tokens, batch_images=batch_images, patches=patches, limit=limit,
+        ray_address=default_ray_address(ray_address),
         quiet=quiet, source_options=dict(source_options or {}), lake_options=dict(lake_options or {}),
     )  # fmt: skip
     return run_embed(cfg)
