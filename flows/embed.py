@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from storage.lake import new_run_id
 from tasks.commit import clean_staging, commit_shard, open_lake, refresh_indexes
 from tasks.config import ModelSpec, RunConfig, default_ray_address
-from tasks.pipeline import ensure_ray, run_pipeline
+from tasks.pipeline import RunClock, ensure_ray, run_pipeline
 from tasks.plan import ModelInfo, Plan, make_plan, model_info
 from tasks.report import new_manifest, report, save_manifest
 
@@ -105,15 +105,17 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     try:
         if plan.items:
             ensure_ray(cfg.ray_address, cfg.quiet)
-        t1 = time.perf_counter()
+        clock = RunClock()
         with tqdm(
             total=len(plan.items), unit="img", desc="embedding", disable=cfg.quiet or not plan.items
         ) as bar:
             for result in run_pipeline(cfg, run_id, plan.items, infos):
+                t1 = time.perf_counter()
                 commit_shard(session, result)
+                clock.record(result, time.perf_counter() - t1)
                 bar.update(result.inputs)
                 bar.set_postfix(errors=session.totals.rows.get("errors", 0), refresh=False)
-        manifest.timings["embed"] = round(time.perf_counter() - t1, 3)
+        manifest.timings.update(clock.timings())
         clean_staging(session, run_id)
         status = "succeeded"
     except KeyboardInterrupt:

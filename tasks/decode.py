@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import pickle
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -47,17 +48,30 @@ def _preprocessor(name: str, weights: str, options_json: str, storage_json: str)
     return encoders.load_preprocessor(name, weights, storage_options=storage or None, **options)
 
 
-def _read_decode(uri: str, source_options: dict, config: DecodeConfig) -> tuple[Any, str | None, str | None]:
-    """(image, image_id, error_json): exactly one of image / error is set."""
+def timing_col(stage: str) -> str:
+    """Per-row seconds spent in STAGE; they travel with the rows so the driver can total them."""
+    return f"t__{stage}"
+
+
+def _read_decode(
+    uri: str, source_options: dict, config: DecodeConfig, clock: dict[str, float]
+) -> tuple[Any, str | None, str | None]:
+    """(image, image_id, error_json): exactly one of image / error is set. Adds to CLOCK."""
+    t0 = time.perf_counter()
     try:
         data = read_bytes(uri, source_options)
     except Exception as e:  # noqa: BLE001 - any read failure is this input's error row, never the run's
         return None, None, error_json("read", type(e).__name__, str(e))
-    image_id = hashlib.sha256(data).hexdigest()
+    finally:
+        clock["read"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
     try:
+        image_id = hashlib.sha256(data).hexdigest()
         return decode_image(data, config, name=uri), image_id, None
     except ImageDecodeError as e:
         return None, image_id, error_json("decode", e.reason, e.message)
+    finally:
+        clock["decode"] += time.perf_counter() - t0
 
 
 def decode_batch(
@@ -83,8 +97,10 @@ def decode_batch(
     out: dict[str, list[Any]] = {k: [] for k in ("image_id", "width", "height", "error")}
     for name in pres:
         out[prep_col(name)], out[err_col(name)] = [], []
+    timings: dict[str, list[float]] = {"read": [], "decode": [], "preprocess": []}
     for row in rows:
-        image, image_id, error = _read_decode(row["uri"], source_options, config)
+        clock = dict.fromkeys(timings, 0.0)
+        image, image_id, error = _read_decode(row["uri"], source_options, config, clock)
         out["image_id"].append(image_id)
         out["width"].append(image.width if image else None)
         out["height"].append(image.height if image else None)
@@ -92,15 +108,21 @@ def decode_batch(
         for name, pre in pres.items():
             prepared, perr = None, None
             if image is not None and name in (row["models"] or ()):
+                t0 = time.perf_counter()
                 try:
                     prepared = pickle.dumps(pre.preprocess_image(image), protocol=5)
                 except Exception as e:  # noqa: BLE001 - e.g. an aspect ratio the model refuses
                     perr = error_json("decode", type(e).__name__, str(e))
+                clock["preprocess"] += time.perf_counter() - t0
             out[prep_col(name)].append(prepared)
             out[err_col(name)].append(perr)
+        for stage, seconds in clock.items():
+            timings[stage].append(seconds)
     table = batch.select(["uri", "size_bytes", "source_version", "models"])
     types = {"image_id": pa.string(), "width": pa.int32(), "height": pa.int32(), "error": pa.string()}
     for col, values in out.items():
         typ = types.get(col, pa.large_binary() if col.startswith("prep__") else pa.string())
         table = table.append_column(col, pa.array(values, type=typ))
+    for stage, values in timings.items():
+        table = table.append_column(timing_col(stage), pa.array(values, pa.float64()))
     return table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow as pa
 import torch
 
 import encoders
-from tasks.decode import err_col, error_json, prep_col
+from tasks.decode import err_col, error_json, prep_col, timing_col
 
 
 def emb_col(model: str) -> str:
@@ -67,8 +68,10 @@ class EmbedActor:
         vectors: list[Any] = [None] * batch.num_rows
         grids: list[Any] = [None] * batch.num_rows
         tokens: list[Any] = [None] * batch.num_rows
+        forward = [0.0] * batch.num_rows
         if rows:
             prepared = [pickle.loads(prepared_col[i]) for i in rows]
+            t0 = time.perf_counter()
             try:
                 result = self.encoder.embed_prepared(prepared, self.opts, batch_tokens=self.batch_tokens)
             except Exception as e:  # noqa: BLE001 - the batch's inputs become error rows; the run goes on
@@ -80,12 +83,16 @@ class EmbedActor:
                     grids[i] = list(result.grids[j])
                     if self.opts.patches:
                         tokens[i] = np.ascontiguousarray(result.patches[j]).tobytes()
+            share = (time.perf_counter() - t0) / len(rows)
+            for i in rows:
+                forward[i] = share
         emb = _vector_column(vectors, self.encoder.dim)
         table = batch.drop_columns([prep_col(self.name), err_col(self.name)])
         table = table.append_column(err_col(self.name), pa.array(errors, pa.string()))
         table = table.append_column(emb_col(self.name), emb)
         table = table.append_column(grid_col(self.name), pa.array(grids, pa.list_(pa.int32())))
-        return table.append_column(tok_col(self.name), pa.array(tokens, pa.large_binary()))
+        table = table.append_column(tok_col(self.name), pa.array(tokens, pa.large_binary()))
+        return table.append_column(timing_col(f"forward__{self.name}"), pa.array(forward, pa.float64()))
 
 
 def _vector_column(vectors: list[np.ndarray | None], dim: int) -> pa.Array:

@@ -7,9 +7,10 @@ are written and commits them one by one, so a long run commits continuously.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
@@ -31,6 +32,39 @@ class ShardResult:
     inputs: int
     embedded: dict[str, int]
     errors: int
+    seconds: dict[str, float]  # per stage, summed over the shard's rows (worker seconds, not wall time)
+
+
+@dataclass
+class RunClock:
+    """Wall time of the run, time to the first committed shard, steady-state rate, seconds per stage."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first_commit: float | None = None
+    first_inputs: int = 0
+    last_commit: float | None = None
+    inputs: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def record(self, result: ShardResult, commit_seconds: float) -> None:
+        now = time.perf_counter()
+        if self.first_commit is None:
+            self.first_commit, self.first_inputs = now, result.inputs
+        self.last_commit = now
+        self.inputs += result.inputs
+        for stage, seconds in {**result.seconds, "commit": commit_seconds}.items():
+            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+
+    def timings(self) -> dict[str, float]:
+        out = {"embed": round(time.perf_counter() - self.start, 3)}
+        if self.first_commit is None:
+            return out
+        out["first_row_s"] = round(self.first_commit - self.start, 3)
+        steady = self.last_commit - self.first_commit
+        if steady > 0 and self.inputs > self.first_inputs:
+            out["steady_images_per_s"] = round((self.inputs - self.first_inputs) / steady, 2)
+        out.update({f"stage.{k}": round(v, 3) for k, v in sorted(self.stages.items())})
+        return out
 
 
 def ensure_ray(address: str | None, quiet: bool = False) -> None:
@@ -130,4 +164,5 @@ def run_pipeline(
             inputs=row["inputs"],
             embedded=json.loads(row["embedded"]),
             errors=row["errors"],
+            seconds=json.loads(row["seconds"]),
         )

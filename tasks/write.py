@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.commit import stage_shard
 from storage.lake import Lake
@@ -99,6 +101,7 @@ def write_batch(
     patch_dtype: str = "fp16",
 ) -> pa.Table:
     """infos: per model {"revision", "preprocess", "dtype", "dim", "patch_dim"}. Returns one summary row."""
+    t0 = time.perf_counter()
     now = datetime.now(timezone.utc)
     store = Lake(lake, lake_options or {})
     models = list(infos)
@@ -111,6 +114,9 @@ def write_batch(
             tables[("patches", m)] = _patch_rows(batch, m, infos[m], run_id, patch_dtype)
     shard = secrets.token_hex(6)
     staged = stage_shard(store, run_id, shard, dataset, tables)
+    seconds = {c.removeprefix("t__"): float(pc.sum(batch[c]).as_py() or 0.0) for c in batch.column_names
+               if c.startswith("t__")}  # fmt: skip
+    seconds["write"] = time.perf_counter() - t0
     return pa.table(
         {
             "shard": [shard],
@@ -118,5 +124,6 @@ def write_batch(
             "inputs": [batch.num_rows],
             "embedded": [json.dumps({m: tables[("embeddings", m)].num_rows for m in models})],
             "errors": [tables[("errors", None)].num_rows],
+            "seconds": [json.dumps(seconds)],
         }
     )
