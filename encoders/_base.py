@@ -177,6 +177,13 @@ class Encoder:
     def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
         raise NotImplementedError
 
+    def collate(self, batch: list[Prepared]) -> Any:
+        """Model inputs for BATCH on the device; with `run_collated`, the bare forward benchmarks time."""
+        raise NotImplementedError
+
+    def run_collated(self, inputs: Any) -> Any:
+        raise NotImplementedError
+
     def num_tokens(self, height: int, width: int, *, merged: bool = True) -> int:
         raise NotImplementedError
 

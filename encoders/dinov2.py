@@ -93,11 +93,17 @@ class Dinov2Encoder(TowerEncoder):
             h, w = (short, int(width * scale)) if height <= width else (int(height * scale), short)
         return (h // self.patch_size) * (w // self.patch_size)
 
-    def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
+    def collate(self, batch: list[Prepared]) -> torch.Tensor:
         pixels = torch.from_numpy(np.stack([p.pixel_values for p in batch]))
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        return pixels.to(self.device, self.dtype, non_blocking=True)
+
+    def run_collated(self, inputs: torch.Tensor) -> Any:
         with torch.inference_mode():
-            states = self.model(pixel_values=pixels).last_hidden_state.float().cpu()
+            return self.model(pixel_values=inputs)
+
+    def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
+        with torch.inference_mode():
+            states = self.run_collated(self.collate(batch)).last_hidden_state.float().cpu()
         _, h, w = batch[0].pixel_values.shape
         grid = (h // self.patch_size, w // self.patch_size)
         return [TowerOutput(tokens=s[1:], grid=grid, cls=s[0]) for s in states]
