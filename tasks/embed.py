@@ -69,6 +69,7 @@ class EmbedActor:
         grids: list[Any] = [None] * batch.num_rows
         tokens: list[Any] = [None] * batch.num_rows
         forward = [0.0] * batch.num_rows
+        span = [time.time(), time.time()]
         if rows:
             prepared = [pickle.loads(prepared_col[i]) for i in rows]
             t0 = time.perf_counter()
@@ -83,6 +84,7 @@ class EmbedActor:
                     grids[i] = list(result.grids[j])
                     if self.opts.patches:
                         tokens[i] = np.ascontiguousarray(result.patches[j]).tobytes()
+            span[1] = time.time()
             share = (time.perf_counter() - t0) / len(rows)
             for i in rows:
                 forward[i] = share
@@ -92,7 +94,14 @@ class EmbedActor:
         table = table.append_column(emb_col(self.name), emb)
         table = table.append_column(grid_col(self.name), pa.array(grids, pa.list_(pa.int32())))
         table = table.append_column(tok_col(self.name), pa.array(tokens, pa.large_binary()))
-        return table.append_column(timing_col(f"forward__{self.name}"), pa.array(forward, pa.float64()))
+        table = table.append_column(timing_col(f"forward__{self.name}"), pa.array(forward, pa.float64()))
+        # when this actor was computing: the driver turns these into the steady-state span
+        table = table.append_column(
+            f"span_start__{self.name}", pa.array([span[0]] * batch.num_rows, pa.float64())
+        )
+        return table.append_column(
+            f"span_end__{self.name}", pa.array([span[1]] * batch.num_rows, pa.float64())
+        )
 
 
 def _vector_column(vectors: list[np.ndarray | None], dim: int) -> pa.Array:

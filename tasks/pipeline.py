@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from storage.commit import StagedShard
 from tasks.config import RunConfig
@@ -33,6 +33,7 @@ class ShardResult:
     embedded: dict[str, int]
     errors: int
     seconds: dict[str, float]  # per stage, summed over the shard's rows (worker seconds, not wall time)
+    span: list[float]  # [first forward start, last forward end] (epoch seconds) of the shard's batch
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RunClock:
     last_commit: float | None = None
     inputs: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+    span: list[float] = field(default_factory=list)
 
     def record(self, result: ShardResult, commit_seconds: float) -> None:
         now = time.perf_counter()
@@ -52,6 +54,9 @@ class RunClock:
             self.first_commit, self.first_inputs = now, result.inputs
         self.last_commit = now
         self.inputs += result.inputs
+        if result.span:
+            old = self.span or result.span
+            self.span = [min(old[0], result.span[0]), max(old[1], result.span[1])]
         for stage, seconds in {**result.seconds, "commit": commit_seconds}.items():
             self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
@@ -60,9 +65,11 @@ class RunClock:
         if self.first_commit is None:
             return out
         out["first_row_s"] = round(self.first_commit - self.start, 3)
-        steady = self.last_commit - self.first_commit
-        if steady > 0 and self.inputs > self.first_inputs:
-            out["steady_images_per_s"] = round((self.inputs - self.first_inputs) / steady, 2)
+        if self.span and self.span[1] > self.span[0]:
+            # steady state: from the first forward to the last, over every actor; startup (Ray, worker
+            # imports, model load) is before it, and waiting on decode or writes inside it counts
+            out["forward_span_s"] = round(self.span[1] - self.span[0], 3)
+            out["steady_images_per_s"] = round(self.inputs / (self.span[1] - self.span[0]), 2)
         out.update({f"stage.{k}": round(v, 3) for k, v in sorted(self.stages.items())})
         return out
 
@@ -101,7 +108,8 @@ def actor_sizing(cfg: RunConfig, n_models: int) -> Sizing:
         actors = max(1, int(cpus // 2 // n_models))
     # CPU towers share what is left after one decode core among every actor
     cpus_per_actor = 1.0 if gpus_per_actor else max(0.25, (cpus - 1) / (actors * n_models))
-    threads = max(1, int(cpus_per_actor)) if not gpus_per_actor else 1
+    # a CPU tower is the bottleneck: its threads may use every core; decode tasks fill the gaps
+    threads = 1 if gpus_per_actor else max(1, round(cpus / (actors * n_models)))
     return Sizing(actors, gpus_per_actor, min(cpus_per_actor, cpus), threads)
 
 
@@ -131,6 +139,9 @@ def run_pipeline(
     ds = ds.map_batches(
         decode_batch, batch_format="pyarrow", batch_size=16, num_cpus=1,
         fn_kwargs={"models": model_args, "source_options": cfg.source_options},
+        # Decode runs in its own CPU tasks, at most one per CPU. A task pool whose size differs from
+        # the actor pool's is also what keeps Ray from fusing decode into the embedding actors.
+        compute=TaskPoolStrategy(size=cpus if cpus != sizing.actors else cpus + 1),
     )  # fmt: skip
     for spec in cfg.models:
         ds = ds.map_batches(
@@ -165,4 +176,5 @@ def run_pipeline(
             embedded=json.loads(row["embedded"]),
             errors=row["errors"],
             seconds=json.loads(row["seconds"]),
+            span=json.loads(row["span"]),
         )

@@ -117,6 +117,12 @@ def write_batch(
     seconds = {c.removeprefix("t__"): float(pc.sum(batch[c]).as_py() or 0.0) for c in batch.column_names
                if c.startswith("t__")}  # fmt: skip
     seconds["write"] = time.perf_counter() - t0
+    spans = [c for c in batch.column_names if c.startswith("span_")]
+    span = (
+        [min(pc.min(batch[c]).as_py() for c in spans if c.startswith("span_start")),
+         max(pc.max(batch[c]).as_py() for c in spans if c.startswith("span_end"))]
+        if spans and batch.num_rows else []
+    )  # fmt: skip
     return pa.table(
         {
             "shard": [shard],
@@ -125,5 +131,6 @@ def write_batch(
             "embedded": [json.dumps({m: tables[("embeddings", m)].num_rows for m in models})],
             "errors": [tables[("errors", None)].num_rows],
             "seconds": [json.dumps(seconds)],
+            "span": [json.dumps(span)],
         }
     )

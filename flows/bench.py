@@ -1,0 +1,176 @@
+"""towerflow bench: how fast and how lean the pipeline is, as ratios measured side by side in one run.
+
+ceiling (bare tower forward on pre-batched tensors) vs towerflow end to end (the embed flow, steady
+state) vs the naive per-image loop; per-stage seconds, peak memory, FLOPs per image and, on CUDA, MFU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+import encoders
+from flows.embed import embed_corpus
+from tasks.bench import (
+    MemorySampler,
+    device_peak_flops,
+    make_photos,
+    measure_ceiling,
+    measure_naive,
+    write_checkpoint,
+)
+
+STAGES = ("read", "decode", "preprocess", "forward", "write", "commit")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "dinov2"
+    size: str = "small"  # tiny | small | real (random weights at the released shape)
+    images: int = 200
+    scale: tuple[int, ...] = ()
+    device: str | None = None
+    dtype: str | None = None
+    actors: int | None = None
+    batch_tokens: int = 16384
+    batch_images: int = 32
+    max_pixels: int | None = None
+    out: str = "bench-out"
+    seed: int = 0
+
+
+@task(name="bench-corpus", cache_policy=NO_CACHE)
+def corpus(cfg: BenchConfig) -> list[Path]:
+    return make_photos(Path(cfg.out) / "corpus", max((cfg.images, *cfg.scale)), cfg.seed)
+
+
+@task(name="bench-checkpoint", cache_policy=NO_CACHE)
+def checkpoint(cfg: BenchConfig) -> Path:
+    return write_checkpoint(
+        cfg.model, cfg.size, Path(cfg.out) / f"ckpt-{cfg.model}-{cfg.size}", cfg.max_pixels
+    )
+
+
+@task(name="bench-ceiling-and-naive", cache_policy=NO_CACHE)
+def ceiling_and_naive(cfg: BenchConfig, weights: Path, paths: list[Path]) -> dict[str, Any]:
+    enc = encoders.load(cfg.model, weights, device=cfg.device, dtype=cfg.dtype)
+    ceiling = measure_ceiling(enc, paths, cfg.batch_tokens)
+    naive = measure_naive(enc, paths[: min(len(paths), 64)])
+    peak = device_peak_flops(enc.device)
+    return {
+        "device": str(enc.device), "dtype": str(enc.dtype).removeprefix("torch."),
+        "ceiling_images_per_s": ceiling.images_per_s, "ceiling_tokens_per_s": ceiling.tokens_per_s,
+        "naive_images_per_s": naive, "gflops_per_image": ceiling.flops_per_image / 1e9,
+        "peak_tflops": peak / 1e12 if peak else None,
+    }  # fmt: skip
+
+
+def end_to_end(cfg: BenchConfig, weights: Path, paths: list[Path], n: int) -> dict[str, Any]:
+    """The embed flow over the first N images (a manifest), into a fresh lake."""
+    root = Path(cfg.out) / f"e2e-{n}"
+    manifest = root / "inputs.txt"
+    root.mkdir(parents=True, exist_ok=True)
+    manifest.write_text("\n".join(str(p.resolve()) for p in paths[:n]) + "\n")
+    lake = root / f"lake-{len(list(root.glob('lake-*')))}"
+    with MemorySampler() as mem:
+        summary = embed_corpus(
+            source=str(manifest), out=str(lake), model=cfg.model, weights=str(weights), actors=cfg.actors,
+            dtype=cfg.dtype, batch_tokens=cfg.batch_tokens, batch_images=cfg.batch_images, patches=False,
+            quiet=True, max_pixels=cfg.max_pixels,
+        )  # fmt: skip
+    t = summary["timings"]
+    stages = {s: 0.0 for s in STAGES}
+    for key, seconds in t.items():
+        if key.startswith("stage."):
+            stage = key.removeprefix("stage.").split("__")[0]
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    return {
+        "images": n, "embedded": summary["counts"]["embedded"], "errors": summary["counts"]["errors"],
+        "wall_s": t["embed"], "first_row_s": t.get("first_row_s"),
+        "steady_images_per_s": t.get("steady_images_per_s"),
+        "ms_per_image": {s: 1000 * v / max(1, n) for s, v in stages.items()},
+        "driver_rss_mb": mem.driver_peak / 2**20, "worker_rss_max_mb": mem.worker_peak / 2**20,
+        "workers_rss_total_mb": mem.workers_peak_total / 2**20, "gpu_peak_mb": mem.gpu_peak / 2**20,
+    }  # fmt: skip
+
+
+def ratios(base: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    main = runs[0]
+    steady = main["steady_images_per_s"] or 0.0
+    out = {
+        "e2e_vs_ceiling": steady / base["ceiling_images_per_s"],
+        "e2e_vs_naive": steady / base["naive_images_per_s"],
+    }
+    if base["peak_tflops"]:
+        out["mfu_ceiling"] = (
+            base["ceiling_images_per_s"] * base["gflops_per_image"] / (base["peak_tflops"] * 1e3)
+        )
+        out["mfu_e2e"] = steady * base["gflops_per_image"] / (base["peak_tflops"] * 1e3)
+    if len(runs) > 1:
+        small, large = runs[0], runs[-1]
+        out["rss_growth"] = large["workers_rss_total_mb"] / max(small["workers_rss_total_mb"], 1e-9) - 1
+        per_image = [1 / r["steady_images_per_s"] for r in runs if r["steady_images_per_s"]]
+        out["time_per_image_spread"] = (
+            (max(per_image) - min(per_image)) / min(per_image) if per_image else None
+        )
+    return out
+
+
+def render(cfg: BenchConfig, base: dict[str, Any], runs: list[dict[str, Any]], r: dict[str, Any]) -> str:
+    main = runs[0]
+    lines = [
+        f"# towerflow bench: {cfg.model} ({cfg.size}), {cfg.images} images, {base['device']} {base['dtype']}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| ceiling (bare forward) | {base['ceiling_images_per_s']:.1f} images/s, "
+        f"{base['ceiling_tokens_per_s']:.0f} tokens/s |",
+        f"| towerflow end to end, steady state | {main['steady_images_per_s'] or 0:.1f} images/s "
+        f"(**{r['e2e_vs_ceiling']:.2f}x** the ceiling) |",
+        f"| naive per-image loop | {base['naive_images_per_s']:.1f} images/s (towerflow is "
+        f"**{r['e2e_vs_naive']:.2f}x** it) |",
+        f"| time to first row / whole run | {main['first_row_s']} s / {main['wall_s']} s |",
+        "| per-stage worker ms/image | "
+        + ", ".join(f"{s} {v:.1f}" for s, v in main["ms_per_image"].items()) + " |",
+        f"| peak RSS | driver {main['driver_rss_mb']:.0f} MB, "
+        f"largest worker {main['worker_rss_max_mb']:.0f} MB, "
+        f"all workers {main['workers_rss_total_mb']:.0f} MB |",
+        f"| model FLOPs | {base['gflops_per_image']:.2f} GFLOP/image |",
+    ]  # fmt: skip
+    if "mfu_e2e" in r:
+        lines.append(f"| MFU (peak {base['peak_tflops']:.0f} TFLOP/s) | ceiling {r['mfu_ceiling']:.1%}, "
+                     f"end to end {r['mfu_e2e']:.1%}; GPU peak {main['gpu_peak_mb']:.0f} MB |")  # fmt: skip
+    if len(runs) > 1:
+        lines += ["", "| N | steady images/s | wall s | workers RSS MB |", "|---|---|---|---|"]
+        lines += [
+            f"| {x['images']} | {x['steady_images_per_s']} | {x['wall_s']} | "
+            f"{x['workers_rss_total_mb']:.0f} |"
+            for x in runs
+        ]
+        lines.append(f"\nRSS growth {runs[0]['images']} -> {runs[-1]['images']}: {r['rss_growth']:+.1%}; "
+                     f"time per image spread: {r['time_per_image_spread']:.1%}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="bench", log_prints=True)
+def bench(config: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = BenchConfig(**(config or {}))
+    paths = corpus(cfg)
+    weights = checkpoint(cfg)
+    base = ceiling_and_naive(cfg, weights, paths[: cfg.images])
+    runs = [end_to_end(cfg, weights, paths, n) for n in (cfg.images, *cfg.scale)]
+    r = ratios(base, runs)
+    markdown = render(cfg, base, runs, r)
+    result = {"config": asdict(cfg), "baseline": base, "runs": runs, "ratios": r}
+    out = Path(cfg.out)
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "bench.md").write_text(markdown)
+    create_markdown_artifact(markdown, key="bench")
+    print(markdown)
+    return result
