@@ -158,7 +158,7 @@ def render(cfg: BenchConfig, base: dict[str, Any], runs: list[dict[str, Any]], r
     return "\n".join(lines) + "\n"
 
 
-@flow(name="bench", log_prints=True)
+@flow(name="bench")
 def bench(config: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = BenchConfig(**(config or {}))
     paths = corpus(cfg)
@@ -167,10 +167,9 @@ def bench(config: dict[str, Any] | None = None) -> dict[str, Any]:
     runs = [end_to_end(cfg, weights, paths, n) for n in (cfg.images, *cfg.scale)]
     r = ratios(base, runs)
     markdown = render(cfg, base, runs, r)
-    result = {"config": asdict(cfg), "baseline": base, "runs": runs, "ratios": r}
+    result = {"config": asdict(cfg), "baseline": base, "runs": runs, "ratios": r, "markdown": markdown}
     out = Path(cfg.out)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "bench.md").write_text(markdown)
     create_markdown_artifact(markdown, key="bench")
-    print(markdown)
     return result

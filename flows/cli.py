@@ -137,12 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="corpus and weights seed (default 0)")
     p.set_defaults(func=cmd_demo)
 
-    from flows import cli_bench, cli_compare, cli_search
+    from flows import cli_bench, cli_cluster, cli_compare, cli_search
     from flows.cli_embed import add_embed_parser
 
     add_embed_parser(sub)
     cli_search.add_parsers(sub)
     cli_compare.add_parsers(sub)
+    cli_cluster.add_parsers(sub)
     cli_bench.add_parsers(sub)
     return parser
 

@@ -59,6 +59,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     encoders.get_encoder_class(config["model"])  # an unknown name fails before any work
     result = bench(config)
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result, indent=2, default=str) if args.json else result["markdown"])
     return 0

@@ -14,27 +14,25 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from storage.lake import Lake, check_name
-from storage.sql import connect, views
+from storage.vector_stream import LakeVectors, VectorQueryError, VectorSource
 from tasks import montage
 
 PRIOR = 0.1  # weight of the previous pass's centroid, as a fraction of its support, in the next pass
 WRITE_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 8], "cache_policy": NO_CACHE}
 
 
-class ClusterError(ValueError):
+class ClusterError(VectorQueryError):
     """A request that cannot be clustered as asked (bad k, no vectors, bad --where): exit 2, one line."""
 
 
@@ -66,109 +64,16 @@ class ClusterConfig:
             raise ClusterError(f"--seed must be >= 0, got {self.seed}")
         if self.sample_size < self.k:
             raise ClusterError(f"sample_size ({self.sample_size}) must be at least k ({self.k})")
+        if self.device is not None:
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                raise ClusterError(f"--device {self.device!r} is not a torch device") from None
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise ClusterError(f"--device {self.device}: CUDA is not available here")
 
     def open_lake(self) -> Lake:
         return Lake(self.lake, self.storage_options)
-
-
-@dataclass(frozen=True)
-class VectorSource:
-    """What one clustering reads: the newest revision of MODEL among the rows matching WHERE."""
-
-    model: str
-    revision: str | None
-    dim: int
-    rows: int
-    other_revisions: dict[str, int]  # revision -> rows left out (a lake holding several weights)
-
-
-@dataclass
-class VectorBatch:
-    image_id: pa.Array
-    uri: pa.Array
-    vectors: np.ndarray  # (rows, dim) float32, owned (a copy of the Arrow buffers)
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-
-class LakeVectors:
-    """Streams (image_id, uri, vector) batches of one model from the lake's embeddings view via DuckDB.
-
-    `max_batch_rows` records the largest batch ever yielded: the bound on vectors held at once.
-    """
-
-    def __init__(self, lake: Lake, model: str, where: str | None, batch_size: int, source=None):
-        self.con = connect(lake)
-        if "embeddings" not in views(self.con):
-            raise ClusterError(f"the lake {lake.url} holds no embeddings")
-        self.where, self.batch_size = where, batch_size
-        self.params = {"model": check_name("model", model)}
-        self.filter = "model = $model AND embedding IS NOT NULL" + (f" AND ({where})" if where else "")
-        if where and len(self._statements(where)) != 1:
-            raise ClusterError(f"--where must be one SQL expression, got {where!r}")
-        self.max_batch_rows = 0
-        self.source = source or self._describe(model)
-
-    def _statements(self, where: str) -> list:
-        try:
-            return self.con.extract_statements(f"SELECT 1 FROM embeddings WHERE ({where})")
-        except duckdb.Error as e:
-            raise ClusterError(f"--where {where!r}: {_first_line(e)}") from None
-
-    def _error(self, e: Exception) -> ClusterError:
-        what = f"--where {self.where!r}" if self.where else f"embeddings of {self.params['model']!r}"
-        return ClusterError(f"{what}: {_first_line(e)}")
-
-    def _rows(self, sql: str) -> list[tuple]:
-        try:
-            return self.con.sql(sql, params=self.params).fetchall()
-        except duckdb.Error as e:
-            raise self._error(e) from None
-
-    def _describe(self, model: str) -> VectorSource:
-        revisions = self._rows(
-            f"SELECT model_revision, count(*) FROM embeddings WHERE {self.filter} "
-            "GROUP BY model_revision ORDER BY max(created_at) DESC, model_revision"
-        )
-        if not revisions:
-            where = f" matching --where {self.where!r}" if self.where else ""
-            raise ClusterError(f"no embeddings of model {model!r}{where} in the lake")
-        revision, rows = revisions[0]
-        self.params["revision"] = revision
-        ((dim,),) = self._rows(self._query("len(embedding)") + " LIMIT 1")
-        others = {str(r): int(n) for r, n in revisions[1:]}
-        return VectorSource(model, revision, int(dim), int(rows), others)
-
-    def _query(self, columns: str) -> str:
-        revision = "model_revision IS NOT DISTINCT FROM $revision"
-        return f"SELECT {columns} FROM embeddings WHERE {self.filter} AND {revision}"
-
-    def batches(self) -> Iterator[VectorBatch]:
-        """One pass over the vectors, in the same order every pass, at most batch_size rows per batch."""
-        self.params["revision"] = self.source.revision
-        dim = self.source.dim
-        sql = self._query(f"image_id, uri, embedding::FLOAT[{dim}] AS vector")
-        try:
-            reader = self.con.sql(sql, params=self.params).to_arrow_reader(self.batch_size)
-            for record in reader:
-                for start in range(0, record.num_rows, self.batch_size):
-                    part = record.slice(start, self.batch_size)
-                    flat = part.column("vector").flatten().to_numpy(zero_copy_only=False)
-                    vectors = np.array(flat, dtype=np.float32).reshape(part.num_rows, dim)
-                    self.max_batch_rows = max(self.max_batch_rows, part.num_rows)
-                    yield VectorBatch(_own(part.column("image_id")), _own(part.column("uri")), vectors)
-        except (duckdb.Error, OSError) as e:  # e.g. a vector of another length (raised via Arrow's stream)
-            raise self._error(e) from None
-
-
-def _own(column: pa.Array) -> pa.Array:
-    """A copy with its own buffers: an imported column may keep its whole record batch (vectors) alive."""
-    return pc.take(column, pa.array(np.arange(len(column)))).cast(pa.string())
-
-
-def _first_line(e: BaseException) -> str:
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def open_vectors(cfg: ClusterConfig, source: VectorSource | None = None) -> LakeVectors:
@@ -256,7 +161,7 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor, k: int) -> float | None:
     own = counts[labels]
     a = totals.gather(1, labels[:, None]).squeeze(1) / (own - 1).clamp_min(1)
     mean_other = totals / counts.clamp_min(1)
-    mean_other[torch.arange(len(labels)), labels] = torch.inf
+    mean_other[torch.arange(len(labels), device=labels.device), labels] = torch.inf
     mean_other[:, counts == 0] = torch.inf
     b = mean_other.min(1).values
     s = torch.where(own > 1, (b - a) / torch.maximum(a, b).clamp_min(1e-12), torch.zeros_like(a))
@@ -278,12 +183,13 @@ def draw_sample(reader: LakeVectors, size: int, seed: int) -> np.ndarray:
     picks = np.sort(np.random.default_rng(seed).choice(rows, size=min(size, rows), replace=False))
     out = np.empty((len(picks), reader.source.dim), dtype=np.float32)
     offset = filled = 0
-    for batch in reader.batches():
-        lo, hi = np.searchsorted(picks, [offset, offset + len(batch)])
-        out[lo:hi] = batch.vectors[picks[lo:hi] - offset]
-        filled, offset = hi, offset + len(batch)
-        if filled == len(picks):
-            break
+    with closing(reader.batches()) as batches:  # stops reading once the sample is complete
+        for batch in batches:
+            lo, hi = np.searchsorted(picks, [offset, offset + len(batch)])
+            out[lo:hi] = batch.vectors[picks[lo:hi] - offset]
+            filled, offset = hi, offset + len(batch)
+            if filled == len(picks):
+                break
     return out[:filled]
 
 
@@ -334,7 +240,7 @@ def fit(cfg: ClusterConfig, reader: LakeVectors) -> KMeansFit:
 class NearestTracker:
     """The `per` rows nearest to each centroid, kept while streaming (montage thumbnails)."""
 
-    def __init__(self, k: int, per: int):
+    def __init__(self, per: int):
         self.per = per
         self.label = np.empty(0, np.int64)
         self.dist = np.empty(0, np.float32)
@@ -381,11 +287,11 @@ def assign_all(cfg: ClusterConfig, reader: LakeVectors, km: KMeansFit) -> Cluste
     device = resolve_device(cfg.device)
     centroids = torch.from_numpy(km.centroids).to(device)
     ids, uris, labels, dists = [], [], [], []
-    tracker = NearestTracker(cfg.k, montage.MONTAGE_THUMBS)
-    inertia = 0.0
+    tracker = NearestTracker(montage.MONTAGE_THUMBS)
+    inertia = torch.zeros((), dtype=torch.float64, device=device)
     for batch in reader.batches():
         lab, d2 = assign(_prepare(batch.vectors, device, cfg.normalize), centroids)
-        inertia += float(d2.sum(dtype=torch.float64))
+        inertia += d2.sum(dtype=torch.float64)
         lab_np, dist_np = lab.cpu().numpy(), d2.sqrt().float().cpu().numpy()
         tracker.update(lab_np, dist_np, batch.uri)
         ids.append(batch.image_id)
@@ -417,7 +323,7 @@ def assign_all(cfg: ClusterConfig, reader: LakeVectors, km: KMeansFit) -> Cluste
     sample_labels, _ = assign(sample, torch.from_numpy(ordered).to(device))
     return ClusterResult(
         source=reader.source, k=cfg.k, assignments=assignments, centroids=table,
-        sizes=sizes[order].tolist(), inertia=inertia, history=km.history,
+        sizes=sizes[order].tolist(), inertia=float(inertia), history=km.history,
         silhouette=silhouette(sample, sample_labels, cfg.k), silhouette_sample=len(sample),
         nearest=[tracker.rows(int(old)) for old in order], converged=km.converged, device=km.device,
     )  # fmt: skip
@@ -474,7 +380,7 @@ def cluster_pictures(cfg: ClusterConfig, result: ClusterResult) -> dict[str, byt
     n = result.source.rows
     rows = [
         montage.Row(f"cluster {c}", f"{size} images ({size / max(n, 1):.0%})",
-                    [montage.Tile(uri, f"d={d:.3f}") for uri, d in result.nearest[c]])
+                    [montage.Tile(uri, montage.caption(f"{d:.3f}", uri)) for uri, d in result.nearest[c]])
         for c, size in enumerate(result.sizes)
     ]  # fmt: skip
     shown = min(cfg.k, montage.MONTAGE_MAX_ROWS)

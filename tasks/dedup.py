@@ -233,13 +233,15 @@ def run_dir(model: str, run_id: str) -> str:
 def groups_picture(cfg: DedupConfig, near: pa.Table, exact: pa.Table) -> bytes:
     """groups.png: the largest near-duplicate groups, a row each, members by similarity."""
     rows = []
-    for gid in range(min(montage.GROUP_ROWS, _count_groups(near))):
+    for gid in range(min(montage.GROUP_ROWS, _count_groups(near))):  # group ids run largest first
         members = near.filter(pc.equal(near["group_id"], gid)).sort_by([("score", "descending")])
         pairs = zip(members["uri"].to_pylist(), members["score"].to_pylist(), strict=True)
-        tiles = [montage.Tile(uri, f"{score:.4f}") for uri, score in pairs]
+        tiles = [montage.Tile(uri, montage.caption(f"{score:.4f}", uri)) for uri, score in pairs]
         rows.append(montage.Row(f"group {gid}", f"{members.num_rows} images", tiles))
-    title = (f"{cfg.model}: {_count_groups(near)} near-duplicate groups (cosine >= {cfg.threshold}), "
-             f"{_count_groups(exact)} exact")  # fmt: skip
+    groups = _count_groups(near)
+    shown = f", the largest {montage.GROUP_ROWS} shown" if groups > montage.GROUP_ROWS else ""
+    title = (f"{cfg.model}: {groups} near-duplicate groups (cosine >= {cfg.threshold}){shown}; "
+             f"{_count_groups(exact)} files stored under several uris")  # fmt: skip
     grid = montage.draw_grid(title, rows, montage.GROUP_ROWS, montage.GROUP_THUMBS,
                              montage.image_loader(cfg.storage_options))  # fmt: skip
     return montage.png_bytes(grid)

@@ -50,6 +50,11 @@ class Row:
     tiles: Sequence[Tile] = field(default_factory=tuple)
 
 
+def caption(value: str, uri: str) -> str:
+    """A thumbnail caption: the value, then the file name (the grid cuts what does not fit)."""
+    return f"{value} {uri.rstrip('/').rsplit('/', 1)[-1]}"
+
+
 def grid_size(rows: int, thumbs: int) -> tuple[int, int]:
     """(width, height) of a grid picture of ROWS rows of THUMBS thumbnails."""
     return LABEL_W + thumbs * (THUMB + PAD) + PAD, HEADER + rows * (THUMB + CAPTION + PAD) + PAD
