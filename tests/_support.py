@@ -21,3 +21,12 @@ def smooth_image(height: int, width: int, seed: int = 0) -> Image.Image:
     cy, cx, r = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width, min(height, width) / 4
     arr[(y - cy) ** 2 + (x - cx) ** 2 < r * r] *= 0.3
     return Image.fromarray(np.clip(arr / arr.max() * 255, 0, 255).astype(np.uint8))
+
+
+def run_cli(argv: list, capsys) -> tuple[int, str, list[str]]:
+    """`towerflow ARGV` in-process: (exit code, stdout, non-empty stderr lines)."""
+    from flows.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, [line for line in err.splitlines() if line.strip()]

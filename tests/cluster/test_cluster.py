@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from flows.cli_cluster import add_parsers
+from flows.cli import main
 from storage.commit import Committer, stage_shard
 from storage.lake import Lake, new_run_id
 from storage.schema import embeddings_schema
@@ -275,10 +274,7 @@ def test_memory_stays_bounded_when_vectors_exceed_the_batch(tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="towerflow")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.mark.parametrize(

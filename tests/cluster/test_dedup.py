@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 import encoders
-from flows.cli_cluster import add_parsers
+from flows.cli import main
 from storage.commit import Committer, stage_shard
 from storage.lake import Lake, new_run_id
 from storage.schema import embeddings_schema
@@ -223,10 +222,7 @@ def test_default_threshold_on_an_ann_index_finds_planted_pairs_only(tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="towerflow")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.mark.parametrize(

@@ -2,37 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
 import numpy as np
 import pytest
-from _support import smooth_image
+from _support import run_cli, smooth_image
 from PIL import Image
 
 import encoders
-import flows.cli as cli
-from flows.cli_compare import add_parsers
 from tasks.compare import token_region
 from tasks.heatmap import OverlayLayout
 
 
 @pytest.fixture
-def run(monkeypatch, capsys):
-    """run(argv) -> (rc, stdout, stderr lines) through flows.cli.main with compare/tokens registered."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "tokens" not in sub.choices:  # until the lead wires add_parsers into flows/cli.py
-        add_parsers(sub)
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-
-    def go(argv: list[str]) -> tuple[int, str, list[str]]:
-        rc = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, [line for line in err.splitlines() if line.strip()]
-
-    return go
+def run(capsys):
+    """run(argv) -> (rc, stdout, stderr lines) through flows.cli.main."""
+    return lambda argv: run_cli(argv, capsys)
 
 
 @pytest.mark.parametrize("model", ["qwen2_5_vl", "dinov2"])
