@@ -102,13 +102,14 @@ class TowerEncoder(Encoder):
         dtype: str | torch.dtype | None = None,
         storage_options: dict | None = None,
         attn_implementation: str | None = None,
+        allow_pickle: bool = False,
         **preprocess: Any,
     ) -> TowerEncoder:
         ckpt = open_checkpoint(weights, storage_options)
         config = cls._read_config(ckpt)
         if attn_implementation:
             config._attn_implementation = attn_implementation
-        tensors = read_tower_tensors(ckpt, cls.vision_prefixes)
+        tensors = read_tower_tensors(ckpt, cls.vision_prefixes, allow_pickle)
         if not tensors:
             raise CheckpointError(f"{ckpt.location}: no tensors of the {cls.name} vision tower found")
         revision = tensors_revision(tensors)
@@ -128,7 +129,13 @@ class TowerEncoder(Encoder):
 
     @classmethod
     def load_preprocessor(
-        cls, weights: Any, *, storage_options: dict | None = None, revision: bool = False, **preprocess: Any
+        cls,
+        weights: Any,
+        *,
+        storage_options: dict | None = None,
+        revision: bool = False,
+        allow_pickle: bool = False,
+        **preprocess: Any,
     ) -> TowerEncoder:
         """Only config and preprocessing: what decode workers need, without reading any tensor.
 
@@ -137,7 +144,9 @@ class TowerEncoder(Encoder):
         ckpt = open_checkpoint(weights, storage_options)
         config = cls._read_config(ckpt)
         processor = cls._read_processor(ckpt, preprocess)
-        rev = tensors_revision(read_tower_tensors(ckpt, cls.vision_prefixes)) if revision else ""
+        rev = (
+            tensors_revision(read_tower_tensors(ckpt, cls.vision_prefixes, allow_pickle)) if revision else ""
+        )
         return cls(None, processor, device=torch.device("cpu"), revision=rev, config=config)
 
     @classmethod

@@ -21,6 +21,7 @@ from safetensors import safe_open
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -93,7 +94,7 @@ def open_checkpoint(weights: str | os.PathLike, storage_options: dict | None = N
     raise CheckpointError(f"weights {text!r}: no such directory (expected a local directory, URL or hub id)")
 
 
-def _weight_map(ckpt: Checkpoint) -> dict[str, str]:
+def _weight_map(ckpt: Checkpoint, allow_pickle: bool = False) -> dict[str, str]:
     index = ckpt.read_json(INDEX_FILE)
     if index is not None:
         return dict(index["weight_map"])
@@ -101,12 +102,32 @@ def _weight_map(ckpt: Checkpoint) -> dict[str, str]:
         with safe_open(ckpt.local_file(SINGLE_FILE), framework="pt") as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
     pickles = [n for n in ckpt.listing() if n.endswith(PICKLE_SUFFIXES)]
+    if pickles and allow_pickle:
+        index = ckpt.read_json(PICKLE_INDEX)
+        if index is not None:
+            return dict(index["weight_map"])
+        return dict.fromkeys(_load_pickle(ckpt, pickles[0]), pickles[0])
     if pickles:
         raise CheckpointError(
-            f"{ckpt.location}: only safetensors checkpoints are loaded; found pickle file(s) "
-            f"{', '.join(pickles)} (convert them to safetensors)"
+            f"{ckpt.location}: only safetensors checkpoints are loaded by default; found pickle file(s) "
+            f"{', '.join(pickles)} (convert them to safetensors, or pass allow_pickle=True to load them "
+            "with torch.load(weights_only=True))"
         )
     raise CheckpointError(f"{ckpt.location}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def _load_pickle(ckpt: Checkpoint, name: str) -> dict[str, torch.Tensor]:
+    """Only when allowed, and never unrestricted: weights_only refuses any pickled code."""
+    try:
+        state = torch.load(ckpt.local_file(name), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unsafe or broken pickle is this checkpoint's error
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(
+            f"{ckpt.location}/{name}: refused by torch.load(weights_only=True): {first}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{ckpt.location}/{name}: not a state dict of tensors")
+    return state
 
 
 def _pick_prefix(keys: Iterable[str], prefixes: tuple[str, ...]) -> str:
@@ -118,9 +139,11 @@ def _pick_prefix(keys: Iterable[str], prefixes: tuple[str, ...]) -> str:
     return ""
 
 
-def read_tower_tensors(ckpt: Checkpoint, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def read_tower_tensors(
+    ckpt: Checkpoint, prefixes: tuple[str, ...], allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
     """The tower's tensors, prefix stripped, reading only the shards that hold them."""
-    weight_map = _weight_map(ckpt)
+    weight_map = _weight_map(ckpt, allow_pickle)
     prefix = _pick_prefix(weight_map, prefixes)
     wanted: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
@@ -130,6 +153,10 @@ def read_tower_tensors(ckpt: Checkpoint, prefixes: tuple[str, ...]) -> dict[str,
     for shard, keys in sorted(wanted.items()):
         if not ckpt.exists(shard):
             raise CheckpointError(f"{ckpt.location}: shard {shard} named by the index is missing")
+        if shard.endswith(PICKLE_SUFFIXES):  # reachable only with allow_pickle
+            state = _load_pickle(ckpt, shard)
+            tensors.update({key[len(prefix) :]: state[key] for key in keys})
+            continue
         with safe_open(ckpt.local_file(shard), framework="pt") as f:
             for key in keys:
                 tensors[key[len(prefix) :]] = f.get_tensor(key)

@@ -80,7 +80,11 @@ class DualEncoder(Encoder):
     def load(cls, weights: Any, *, storage_options: dict | None = None, **kwargs: Any) -> DualEncoder:
         """WEIGHTS: a directory holding qwen2_5_vl/, dinov2/ and optionally fusion.safetensors, or a dict."""
         paths = cls._paths(weights)
-        shared = {k: kwargs.pop(k) for k in ("device", "dtype", "attn_implementation") if k in kwargs}
+        shared = {
+            k: kwargs.pop(k)
+            for k in ("device", "dtype", "attn_implementation", "allow_pickle")
+            if k in kwargs
+        }
         dino_kwargs = {k: kwargs.pop(k) for k in ("crop_size",) if k in kwargs}
         qwen = Qwen25VLEncoder.load(paths["qwen2_5_vl"], storage_options=storage_options, **shared, **kwargs)
         dino = Dinov2Encoder.load(paths["dinov2"], storage_options=storage_options, **shared, **dino_kwargs)
@@ -93,6 +97,8 @@ class DualEncoder(Encoder):
     ) -> DualEncoder:
         paths = cls._paths(weights)
         dino_kwargs = {k: kwargs.pop(k) for k in ("crop_size",) if k in kwargs}
+        if "allow_pickle" in kwargs:
+            dino_kwargs["allow_pickle"] = kwargs["allow_pickle"]
         qwen = Qwen25VLEncoder.load_preprocessor(
             paths["qwen2_5_vl"], storage_options=storage_options, revision=revision, **kwargs
         )

@@ -176,3 +176,31 @@ def test_preprocessor_with_revision_matches_the_loaded_encoder(name, checkpoint)
     pre = encoders.load_preprocessor(name, weights=checkpoint(name, "vlm"), revision=True)
     full = encoders.load(name, weights=checkpoint(name))
     assert (pre.revision, pre.preprocess_hash, pre.dim) == (full.revision, full.preprocess_hash, full.dim)
+
+
+class _Exploit:
+    """A pickle that runs code when unpickled without restriction."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_checkpoint_loads_only_when_allowed_and_only_tensors(tmp_path, checkpoint, images):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("dinov2"), directory)
+    state = load_file(str(directory / "model.safetensors"))
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+    allowed = encoders.load("dinov2", weights=directory, allow_pickle=True)
+    reference = encoders.load("dinov2", weights=checkpoint("dinov2"))
+    assert allowed.revision == reference.revision
+    np.testing.assert_array_equal(allowed.embed(images[:1]).pooled, reference.embed(images[:1]).pooled)
+
+    marker = tmp_path / "pwned"
+    torch.save({"embeddings.cls_token": _Exploit(marker)}, directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"refused by torch.load\(weights_only=True\)"):
+        encoders.load("dinov2", weights=directory, allow_pickle=True)
+    assert not marker.exists()  # the payload never ran
