@@ -61,6 +61,41 @@ class EmbedActor:
         self.batch_tokens = batch_tokens
         self.pid = os.getpid()
 
+    def _outputs(self, prepared: list[Any]) -> list[tuple]:
+        result = self.encoder.embed_prepared(prepared, self.opts, batch_tokens=self.batch_tokens)
+        return [
+            (
+                np.asarray(result.pooled[j], dtype=np.float32),
+                list(result.grids[j]),
+                np.ascontiguousarray(result.patches[j]).tobytes() if self.opts.patches else None,
+            )
+            for j in range(len(prepared))
+        ]
+
+    def _embed_resilient(self, prepared: list[Any]) -> list[tuple | str]:
+        """Per image: its outputs, or an error row (JSON). Never raises for a bad batch.
+
+        Out of memory halves the token budget and retries (the lower budget is kept for later
+        batches); once every image is alone, or on any other failure, images go one by one so a
+        single bad input costs only its own row.
+        """
+        while True:
+            try:
+                return self._outputs(prepared)
+            except Exception as e:  # noqa: BLE001 - isolated below, never the run's end
+                if not is_out_of_memory(e) or self.batch_tokens <= min(p.seq_len for p in prepared):
+                    break
+                _release_memory()
+                self.batch_tokens = max(1, self.batch_tokens // 2)
+        out: list[tuple | str] = []
+        for p in prepared:
+            try:
+                out += self._outputs([p])
+            except Exception as e:  # noqa: BLE001 - this image's error row
+                _release_memory()
+                out.append(error_json("embed", type(e).__name__, str(e)))
+        return out
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         prepared_col = batch[prep_col(self.name)].to_pylist()
         errors = batch[err_col(self.name)].to_pylist()
@@ -73,17 +108,11 @@ class EmbedActor:
         if rows:
             prepared = [pickle.loads(prepared_col[i]) for i in rows]
             t0 = time.perf_counter()
-            try:
-                result = self.encoder.embed_prepared(prepared, self.opts, batch_tokens=self.batch_tokens)
-            except Exception as e:  # noqa: BLE001 - the batch's inputs become error rows; the run goes on
-                for i in rows:
-                    errors[i] = error_json("embed", type(e).__name__, str(e))
-            else:
-                for j, i in enumerate(rows):
-                    vectors[i] = np.asarray(result.pooled[j], dtype=np.float32)
-                    grids[i] = list(result.grids[j])
-                    if self.opts.patches:
-                        tokens[i] = np.ascontiguousarray(result.patches[j]).tobytes()
+            for i, out in zip(rows, self._embed_resilient(prepared), strict=True):
+                if isinstance(out, str):
+                    errors[i] = out
+                else:
+                    vectors[i], grids[i], tokens[i] = out
             span[1] = time.time()
             share = (time.perf_counter() - t0) / len(rows)
             for i in rows:
@@ -102,6 +131,16 @@ class EmbedActor:
         return table.append_column(
             f"span_end__{self.name}", pa.array([span[1]] * batch.num_rows, pa.float64())
         )
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _release_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _vector_column(vectors: list[np.ndarray | None], dim: int) -> pa.Array:
