@@ -10,6 +10,7 @@ modified: other code in the same worker may rely on them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import io
 import os
@@ -32,8 +33,10 @@ REASONS = frozenset(
         "corrupt",
         "empty",
         "read_failed",
+        "timeout",
     }
 )
+DEFAULT_DECODE_SECONDS = 30.0
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _TRUNCATED_HINTS = ("truncated", "broken data stream")
@@ -58,13 +61,43 @@ class DecodeConfig:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     formats: frozenset[str] = DEFAULT_FORMATS
+    timeout_s: float | None = DEFAULT_DECODE_SECONDS  # per image, in decode_image_limited
 
     def __post_init__(self):
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive or None, got {self.timeout_s!r}")
         if isinstance(self.formats, str):
             raise TypeError("formats must be a collection of Pillow format names, not a single string")
         object.__setattr__(self, "formats", frozenset(f.upper() for f in self.formats))
+
+
+_decoder: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def decode_image_limited(
+    data: bytes, config: DecodeConfig = DecodeConfig(), *, name: str = "<bytes>"
+) -> Image.Image:
+    """decode_image under a wall-clock limit: a pathological file becomes a "timeout" error, not a hang.
+
+    Python cannot stop the stuck thread; it is abandoned (a fresh one serves the next image) and ends
+    on its own, bounded by the pixel limit.
+    """
+    global _decoder
+    if config.timeout_s is None:
+        return decode_image(data, config, name=name)
+    if _decoder is None:
+        _decoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="towerflow-decode")
+    future = _decoder.submit(decode_image, data, config, name=name)
+    try:
+        return future.result(timeout=config.timeout_s)
+    except concurrent.futures.TimeoutError:
+        _decoder.shutdown(wait=False)
+        _decoder = None
+        raise ImageDecodeError(
+            "timeout", f"{name}: decoding took longer than {config.timeout_s:g} s"
+        ) from None
 
 
 def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), *, name: str = "<bytes>") -> Image.Image:

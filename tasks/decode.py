@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 import encoders
-from storage.images import DecodeConfig, ImageDecodeError, decode_image
+from storage.images import DecodeConfig, ImageDecodeError, decode_image_limited
 from storage.sources import read_bytes
 
 INPUT_SCHEMA = pa.schema(
@@ -67,7 +67,7 @@ def _read_decode(
     t0 = time.perf_counter()
     try:
         image_id = hashlib.sha256(data).hexdigest()
-        return decode_image(data, config, name=uri), image_id, None
+        return decode_image_limited(data, config, name=uri), image_id, None
     except ImageDecodeError as e:
         return None, image_id, error_json("decode", e.reason, e.message)
     finally:

@@ -377,3 +377,18 @@ def test_load_image_applies_config(png_file):
 def test_load_image_unsupported_type(bad):
     with pytest.raises(TypeError, match=type(bad).__name__):
         load_image(bad)
+
+
+def test_decode_time_limit_turns_a_slow_file_into_a_timeout_error():
+    from storage.images import decode_image_limited
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)).save(
+        buf, "PNG"
+    )
+    data = buf.getvalue()
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image_limited(data, DecodeConfig(timeout_s=1e-4), name="slow.png")
+    assert err.value.reason == "timeout" and "slow.png" in str(err.value)
+    assert decode_image_limited(data, DecodeConfig(timeout_s=60)).size == (2000, 2000)  # the next one decodes
+    assert decode_image_limited(data, DecodeConfig(timeout_s=None)).size == (2000, 2000)
