@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed of the weights (default 0)")
     p.set_defaults(func=cmd_make_checkpoint)
 
-    p = sub.add_parser("demo", help="embed a generated corpus with every encoder (tiny checkpoints)")
+    p = sub.add_parser("demo", help="the main job on a generated corpus, then SQL and nearest neighbours")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (default ./demo-out)")
     p.add_argument("--images", type=_int_at_least(1), default=300, help="number of images (default 300)")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="corpus and weights seed (default 0)")
