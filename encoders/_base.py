@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -140,7 +141,7 @@ def plan_batches(costs: Sequence[int], budget: int, keys: Sequence[Any] | None =
     return done
 
 
-class Encoder:
+class Encoder(abc.ABC):
     """Base class: families implement preprocess_image, forward, num_tokens, dim, load and save."""
 
     name: ClassVar[str] = ""
@@ -156,40 +157,48 @@ class Encoder:
 
     # -- subclass hooks ----------------------------------------------------------------------------
     @classmethod
+    @abc.abstractmethod
     def load(cls, weights: Any, **kwargs: Any) -> Encoder:
-        raise NotImplementedError
+        """Build the encoder from WEIGHTS (directory, URL or hub id) on a device and dtype."""
 
     @classmethod
+    @abc.abstractmethod
     def load_preprocessor(cls, weights: Any, **kwargs: Any) -> Encoder:
         """An instance that can only preprocess (and count tokens): no tensors are read."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def write_tiny_checkpoint(cls, directory: str, layout: str = "vision", seed: int = 0) -> None:
-        raise NotImplementedError
+        """A random-weight checkpoint of the real architecture, loaded through the real path."""
 
+    @abc.abstractmethod
     def save(self, directory: str) -> None:
-        raise NotImplementedError
+        """A vision-only checkpoint that `load` reads back."""
 
+    @abc.abstractmethod
     def preprocess_image(self, image: Any) -> Prepared:
-        raise NotImplementedError
+        """The model's own preprocessing of one RGB image."""
 
+    @abc.abstractmethod
     def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
-        raise NotImplementedError
+        """One packed forward; per image, tokens in row-major grid order."""
 
+    @abc.abstractmethod
     def collate(self, batch: list[Prepared]) -> Any:
         """Model inputs for BATCH on the device; with `run_collated`, the bare forward benchmarks time."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def run_collated(self, inputs: Any) -> Any:
-        raise NotImplementedError
+        """The bare forward on collated inputs."""
 
+    @abc.abstractmethod
     def num_tokens(self, height: int, width: int, *, merged: bool = True) -> int:
-        raise NotImplementedError
+        """Tokens an image of this size yields, without running the model."""
 
     @property
+    @abc.abstractmethod
     def dim(self) -> int:
-        raise NotImplementedError
+        """Width of the pooled vector."""
 
     @property
     def can_embed(self) -> bool:
@@ -200,8 +209,9 @@ class Encoder:
         """Width of the (merged) patch tokens; differs from `dim` only where pooling fuses towers."""
         return self.dim
 
+    @abc.abstractmethod
     def processor_config(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The preprocessing config, as hashed into `preprocess_hash`."""
 
     def batch_key(self, prepared: Prepared) -> Any:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -73,17 +74,19 @@ class TowerEncoder(Encoder):
 
     # -- family hooks ------------------------------------------------------------------------------
     @classmethod
+    @abc.abstractmethod
     def tiny_config(cls) -> Any:
-        raise NotImplementedError
+        """A few-layer, narrow config of the family (tests, demo)."""
 
     @classmethod
+    @abc.abstractmethod
     def tiny_processor_kwargs(cls) -> dict[str, Any]:
-        raise NotImplementedError
+        """Preprocessing for tiny checkpoints (small images keep tests fast)."""
 
     @classmethod
+    @abc.abstractmethod
     def default_processor_kwargs(cls) -> dict[str, Any]:
         """The released model's preprocessing, used when a checkpoint ships no preprocessor_config.json."""
-        raise NotImplementedError
 
     @classmethod
     def processor_overrides(cls, **overrides: Any) -> dict[str, Any]:

@@ -183,6 +183,16 @@ class DualEncoder(Encoder):
         with torch.inference_mode():
             return self.fusion(q, d)
 
+    def collate(self, batch: list[Prepared]) -> tuple[Any, Any]:
+        """Both towers' inputs (DINOv2's stack: with its centre crop every image has one shape)."""
+        return (
+            self.qwen.collate([p.parts["qwen2_5_vl"] for p in batch]),
+            self.dino.collate([p.parts["dinov2"] for p in batch]),
+        )
+
+    def run_collated(self, inputs: tuple[Any, Any]) -> tuple[Any, Any]:
+        return self.qwen.run_collated(inputs[0]), self.dino.run_collated(inputs[1])
+
     def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
         q_opts = EmbedOptions(opts.pooling if opts.pooling in ("mean", "max") else "mean")
         q_out = self.qwen.forward([p.parts["qwen2_5_vl"] for p in batch], q_opts)

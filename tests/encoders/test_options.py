@@ -102,3 +102,19 @@ def test_bf16_on_cpu_stays_close_to_fp32(name, checkpoint, images):
 def test_unknown_dtype(checkpoint):
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         encoders.load("dinov2", weights=checkpoint("dinov2"), dtype="int8")
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_bare_forward_on_collated_inputs_matches_embed(name, checkpoint, images):
+    """collate + run_collated is what benchmarks time as the ceiling: it must be the same forward."""
+    enc = encoders.load(name, weights=checkpoint(name))
+    prepared = [enc.preprocess(i) for i in images[:2]]
+    out = enc.run_collated(enc.collate(prepared))
+    if name == "dual":
+        cls = out[1].last_hidden_state[:, 0].numpy()
+        np.testing.assert_allclose(cls, enc.dino.embed(images[:2]).pooled, atol=1e-5)
+        return
+    got = out.last_hidden_state[:, 0] if name == "dinov2" else out.pooler_output
+    want = enc.embed(images[:2], pooling="cls" if name == "dinov2" else "none", output="torch")
+    expected = want.pooled if name == "dinov2" else torch.cat(want.patches)
+    torch.testing.assert_close(got.float(), expected, atol=1e-5, rtol=0)
