@@ -27,9 +27,9 @@ from prefect.cache_policies import NO_CACHE
 from storage.lake import Lake, check_name
 from storage.vector_stream import LakeVectors, VectorQueryError, VectorSource
 from tasks import montage
+from tasks.config import STORAGE_RETRIES
 
 PRIOR = 0.1  # weight of the previous pass's centroid, as a fraction of its support, in the next pass
-WRITE_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 8], "cache_policy": NO_CACHE}
 
 
 class ClusterError(VectorQueryError):
@@ -364,7 +364,7 @@ def assign_clusters(cfg: ClusterConfig, source: VectorSource, km: KMeansFit) -> 
     return assign_all(cfg, open_vectors(cfg, source), km)
 
 
-@task(name="write-clusters", **WRITE_RETRIES)
+@task(name="write-clusters", **STORAGE_RETRIES)
 def write_clusters(cfg: ClusterConfig, result: ClusterResult, run_id: str) -> dict:
     """assignments.parquet, centroids.parquet and summary.json, each appearing whole (Lake.write_*)."""
     lake, rel = cfg.open_lake(), run_dir(cfg.model, run_id)
@@ -399,7 +399,7 @@ def cluster_pictures(cfg: ClusterConfig, result: ClusterResult) -> dict[str, byt
     return {"montage.png": montage.png_bytes(grid), "inertia.png": montage.png_bytes(chart)}
 
 
-@task(name="draw-clusters", **WRITE_RETRIES)
+@task(name="draw-clusters", **STORAGE_RETRIES)
 def draw_clusters(cfg: ClusterConfig, result: ClusterResult, run_id: str) -> list[str]:
     lake, rel = cfg.open_lake(), run_dir(cfg.model, run_id)
     for name, data in cluster_pictures(cfg, result).items():

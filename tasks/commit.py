@@ -9,16 +9,13 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from storage.commit import CommitStats, Committer, Recovery, recover
 from storage.lake import Lake
 from storage.vectors import IndexPolicy, VectorTable
-from tasks.config import RunConfig
+from tasks.config import STORAGE_RETRIES, RunConfig
 from tasks.pipeline import ShardResult
 from tasks.plan import ModelInfo
-
-STORAGE_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE}
 
 
 @dataclass

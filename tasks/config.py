@@ -6,7 +6,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect.cache_policies import NO_CACHE
+
 from storage.lake import check_name
+
+# Every task that touches storage declares these: transient object-store errors are retried by Prefect.
+STORAGE_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE}
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from storage.lake import Lake, check_name
 from storage.sql import connect, views
 from storage.vectors import KEY_COLUMN, VECTOR_COLUMN, VectorTable, lance_storage_options, lance_uri
 from tasks import montage
+from tasks.config import STORAGE_RETRIES
 
 OUTPUTS = ("groups.parquet", "exact.parquet", "groups.png")
-WRITE_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 8], "cache_policy": NO_CACHE}
 
 
 class DedupError(ValueError):
@@ -273,7 +273,7 @@ def find_exact_duplicates(cfg: DedupConfig) -> pa.Table:
     return exact_duplicates(cfg)
 
 
-@task(name="write-duplicates", **WRITE_RETRIES)
+@task(name="write-duplicates", **STORAGE_RETRIES)
 def write_duplicates(cfg: DedupConfig, run_id: str, near: NearDuplicates, exact: pa.Table) -> dict:
     """groups.parquet, exact.parquet, groups.png and summary.json, each appearing whole."""
     lake, rel = cfg.open_lake(), run_dir(cfg.model, run_id)

@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from storage.commit import input_keys
 from storage.lake import Lake
 from storage.manifest import EncoderRecord, RunManifest, write_manifest
-from tasks.commit import STORAGE_RETRIES, LakeSession
-from tasks.config import RunConfig
+from tasks.commit import LakeSession
+from tasks.config import STORAGE_RETRIES, RunConfig
 from tasks.plan import ModelInfo, Plan
 
 
