@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import sys
 from typing import Any
+
+LOCKED_EXIT = 75  # EX_TEMPFAIL: another run holds the lake; schedulers may retry later
 
 
 class UsageError(Exception):
@@ -58,6 +61,10 @@ def add_embed_parser(sub: Any) -> None:
     )
     opt_help = "fsspec option for SOURCE and LAKE (e.g. endpoint_url=...); never credentials"
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=opt_help)
+    p.add_argument(
+        "--wait-lock", type=float, default=0.0, metavar="SECONDS",
+        help="wait up to SECONDS while another run writes LAKE (default 0: refuse, exit 75)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=cmd_embed)
@@ -82,8 +89,9 @@ def preflight(args: argparse.Namespace, options: dict[str, Any]) -> None:
         ("--batch-tokens", args.batch_tokens),
         ("--batch-images", args.batch_images),
         ("--limit", args.limit),
+        ("--wait-lock", args.wait_lock),
     ):
-        if value is not None and value < (0 if flag == "--limit" else 1):
+        if value is not None and value < (0 if flag in ("--limit", "--wait-lock") else 1):
             raise UsageError(f"{flag} must be positive, got {value}")
     max_pixels = {"max_pixels": args.max_pixels} if args.max_pixels else {}
     for spec in parse_models(args.model, args.weights, args.dtype, max_pixels):
@@ -110,6 +118,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     except ValueError as e:  # our own argument checks (names, model/weights pairing, dtype ...)
         raise UsageError(" ".join(str(e).split())) from None
     from flows.embed import embed_corpus
+    from storage.lock import LakeLockedError
 
     try:
         summary = embed_corpus(
@@ -118,7 +127,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
             batch_images=args.batch_images,
             dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
             ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
+            wait_lock=args.wait_lock,
         )  # fmt: skip
+    except LakeLockedError as e:  # not a usage error: the same command succeeds later (EX_TEMPFAIL)
+        print(f"towerflow: error: {e}", file=sys.stderr)
+        return LOCKED_EXIT
     except KeyboardInterrupt:
         print("interrupted: everything committed so far is in the lake; re-run the same command to resume")
         return 130

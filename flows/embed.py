@@ -14,7 +14,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from storage.lake import new_run_id
+from storage.lake import Lake, new_run_id
+from storage.lock import LakeLock
 from tasks.commit import clean_staging, commit_shard, open_lake, refresh_indexes
 from tasks.config import ModelSpec, RunConfig, default_ray_address
 from tasks.pipeline import RunClock, ensure_ray, run_pipeline
@@ -74,11 +75,13 @@ def embed_corpus(
     quiet: bool = False,
     source_options: dict[str, Any] | None = None,
     lake_options: dict[str, Any] | None = None,
+    wait_lock: float = 0.0,
 ) -> dict[str, Any]:
     """Embed every new or changed image of SOURCE into the lake OUT; returns the run summary.
 
     source_options / lake_options: fsspec options such as endpoint_url. Never put credentials here
     (flow parameters are stored by Prefect): they come from the environment / config chain.
+    wait_lock: seconds to wait while another run writes the lake (0: refuse at once).
     """
     options = {"max_pixels": max_pixels} if max_pixels else {}
     specs = parse_models(model, weights, dtype, options)
@@ -87,6 +90,7 @@ def embed_corpus(
         batch_tokens=batch_tokens, batch_images=batch_images, patches=patches, limit=limit,
         ray_address=default_ray_address(ray_address),
         quiet=quiet, source_options=dict(source_options or {}), lake_options=dict(lake_options or {}),
+        wait_lock=wait_lock,
     )  # fmt: skip
     return run_embed(cfg)
 
@@ -95,6 +99,16 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
     """The flow's body for a prepared config (the CLI builds one with storage options)."""
     run_id = new_run_id()
     infos = describe_models(cfg)
+    lock = LakeLock(Lake(cfg.lake, cfg.lake_options), run_id).acquire(cfg.wait_lock)
+    if lock.took_over:
+        print(lock.took_over)
+    try:
+        return _locked_run(cfg, run_id, infos, lock)
+    finally:
+        lock.release()
+
+
+def _locked_run(cfg: RunConfig, run_id: str, infos: dict[str, ModelInfo], lock: LakeLock) -> dict[str, Any]:
     session = open_lake(cfg, infos, run_id)
     manifest = new_manifest(cfg, run_id, infos)
     save_manifest(session, manifest)
@@ -111,6 +125,7 @@ def run_embed(cfg: RunConfig) -> dict[str, Any]:
         ) as bar:
             for result in run_pipeline(cfg, run_id, plan.items, infos):
                 t1 = time.perf_counter()
+                lock.check()
                 commit_shard(session, result)
                 clock.record(result, time.perf_counter() - t1)
                 bar.update(result.inputs)

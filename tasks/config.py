@@ -41,6 +41,7 @@ class RunConfig:
     source_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
     lake_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
     quiet: bool = False
+    wait_lock: float = 0.0  # seconds to wait while another run holds the lake's writer lock
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -55,6 +56,8 @@ class RunConfig:
             raise ValueError(f"--actors must be >= 1, got {self.actors}")
         if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor <= 8:
             raise ValueError(f"--gpus-per-actor must be in [0, 8], got {self.gpus_per_actor}")
+        if self.wait_lock < 0:
+            raise ValueError(f"--wait-lock must be >= 0 seconds, got {self.wait_lock}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")
 
