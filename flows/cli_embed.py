@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 LOCKED_EXIT = 75  # EX_TEMPFAIL: another run holds the lake; schedulers may retry later
@@ -17,6 +20,33 @@ LOCKED_EXIT = 75  # EX_TEMPFAIL: another run holds the lake; schedulers may retr
 
 class UsageError(Exception):
     """A bad argument found before work starts (exit 2, one line)."""
+
+
+class _OneLineFailures(logging.Filter):
+    """Prefect logs a failing flow's exception with its traceback. For failures the CLI explains in
+    one line (a busy lake, access denied) the exception's repr is enough; the run's state keeps it."""
+
+    def __init__(self, types: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.types = types
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.types):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def one_line_failures(*types: type[BaseException]) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    flt = _OneLineFailures(types)
+    for logger in loggers:
+        logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(flt)
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -121,14 +151,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from storage.lock import LakeLockedError
 
     try:
-        summary = embed_corpus(
-            source=args.source, out=args.out, model=args.model, weights=args.weights, dataset=args.dataset,
-            actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_tokens=args.batch_tokens,
-            batch_images=args.batch_images,
-            dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
-            ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
-            wait_lock=args.wait_lock,
-        )  # fmt: skip
+        with one_line_failures(LakeLockedError, PermissionError):
+            summary = embed_corpus(
+                source=args.source, out=args.out, model=args.model, weights=args.weights,
+                dataset=args.dataset, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                batch_tokens=args.batch_tokens, batch_images=args.batch_images,
+                dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
+                ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
+                wait_lock=args.wait_lock,
+            )  # fmt: skip
     except LakeLockedError as e:  # not a usage error: the same command succeeds later (EX_TEMPFAIL)
         print(f"towerflow: error: {e}", file=sys.stderr)
         return LOCKED_EXIT
