@@ -97,7 +97,8 @@ def end_to_end(cfg: BenchConfig, weights: Path, paths: list[Path], n: int) -> di
         "steady_images_per_s": t.get("steady_images_per_s"),
         "ms_per_image": {s: 1000 * v / max(1, n) for s, v in stages.items()},
         "driver_rss_mb": mem.driver_peak / 2**20, "worker_rss_max_mb": mem.worker_peak / 2**20,
-        "workers_rss_total_mb": mem.workers_peak_total / 2**20, "gpu_peak_mb": mem.gpu_peak / 2**20,
+        "workers_rss_total_mb": mem.workers_peak_total / 2**20,
+        "workers_pss_total_mb": mem.workers_pss_peak_total / 2**20, "gpu_peak_mb": mem.gpu_peak / 2**20,
     }  # fmt: skip
 
 
@@ -116,6 +117,7 @@ def ratios(base: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(runs) > 1:
         small, large = runs[0], runs[-1]
         out["rss_growth"] = large["workers_rss_total_mb"] / max(small["workers_rss_total_mb"], 1e-9) - 1
+        out["pss_growth"] = large["workers_pss_total_mb"] / max(small["workers_pss_total_mb"], 1e-9) - 1
         per_image = [1 / r["steady_images_per_s"] for r in runs if r["steady_images_per_s"]]
         out["time_per_image_spread"] = (
             (max(per_image) - min(per_image)) / min(per_image) if per_image else None
@@ -141,20 +143,22 @@ def render(cfg: BenchConfig, base: dict[str, Any], runs: list[dict[str, Any]], r
         + ", ".join(f"{s} {v:.1f}" for s, v in main["ms_per_image"].items()) + " |",
         f"| peak RSS | driver {main['driver_rss_mb']:.0f} MB, "
         f"largest worker {main['worker_rss_max_mb']:.0f} MB, "
-        f"all workers {main['workers_rss_total_mb']:.0f} MB |",
+        f"all workers {main['workers_rss_total_mb']:.0f} MB (PSS {main['workers_pss_total_mb']:.0f} MB) |",
         f"| model FLOPs | {base['gflops_per_image']:.2f} GFLOP/image |",
     ]  # fmt: skip
     if "mfu_e2e" in r:
         lines.append(f"| MFU (peak {base['peak_tflops']:.0f} TFLOP/s) | ceiling {r['mfu_ceiling']:.1%}, "
                      f"end to end {r['mfu_e2e']:.1%}; GPU peak {main['gpu_peak_mb']:.0f} MB |")  # fmt: skip
     if len(runs) > 1:
-        lines += ["", "| N | steady images/s | wall s | workers RSS MB |", "|---|---|---|---|"]
+        lines += ["", "| N | steady images/s | wall s | workers RSS MB | workers PSS MB |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         lines += [
             f"| {x['images']} | {x['steady_images_per_s']} | {x['wall_s']} | "
-            f"{x['workers_rss_total_mb']:.0f} |"
+            f"{x['workers_rss_total_mb']:.0f} | {x['workers_pss_total_mb']:.0f} |"
             for x in runs
         ]
-        lines.append(f"\nRSS growth {runs[0]['images']} -> {runs[-1]['images']}: {r['rss_growth']:+.1%}; "
+        lines.append(f"\nworkers' peak memory growth {runs[0]['images']} -> {runs[-1]['images']}: "
+                     f"RSS {r['rss_growth']:+.1%}, PSS {r['pss_growth']:+.1%}; "
                      f"time per image spread: {r['time_per_image_spread']:.1%}")  # fmt: skip
     return "\n".join(lines) + "\n"
 

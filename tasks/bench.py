@@ -145,11 +145,17 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 @dataclass
 class MemorySampler:
-    """Peak RSS of this process and of the Ray worker processes, sampled in a thread."""
+    """Peak memory of this process and of the Ray worker processes, sampled in a thread.
+
+    Summed RSS counts every shared page (the object store's shared memory, torch's and Python's
+    libraries) once per process that maps it; summed PSS splits shared pages among their sharers, so
+    it is the memory the workers really hold together. Both are reported.
+    """
 
     interval: float = 0.2
     driver_peak: int = 0
     workers_peak_total: int = 0
+    workers_pss_peak_total: int = 0
     worker_peak: int = 0
     gpu_peak: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -169,17 +175,19 @@ class MemorySampler:
         me = psutil.Process()
         while not self._stop.is_set():
             self.driver_peak = max(self.driver_peak, me.memory_info().rss)
-            total = 0
+            total = pss = 0
             for proc in psutil.process_iter(["name", "cmdline"]):
                 try:
                     title = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
                     if title.startswith("ray::"):
-                        rss = proc.memory_info().rss
-                        total += rss
-                        self.worker_peak = max(self.worker_peak, rss)
+                        mem = proc.memory_full_info()
+                        total += mem.rss
+                        pss += getattr(mem, "pss", mem.rss)  # PSS exists on Linux only
+                        self.worker_peak = max(self.worker_peak, mem.rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.workers_peak_total = max(self.workers_peak_total, total)
+            self.workers_pss_peak_total = max(self.workers_pss_peak_total, pss)
             if torch.cuda.is_available():
                 self.gpu_peak = max(self.gpu_peak, torch.cuda.max_memory_allocated())
             self._stop.wait(self.interval)
