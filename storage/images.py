@@ -34,9 +34,13 @@ REASONS = frozenset(
         "empty",
         "read_failed",
         "timeout",
+        "extreme_aspect_ratio",
     }
 )
 DEFAULT_DECODE_SECONDS = 30.0
+# Qwen2.5-VL, Qwen3-VL and GLM-4V refuse more than 200:1; DINOv2's shortest-edge resize would inflate a
+# 1 x 100,000 sliver to 256 x 25.6M pixels (~20 GB) and take the worker down with it.
+DEFAULT_MAX_ASPECT_RATIO = 200.0
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _TRUNCATED_HINTS = ("truncated", "broken data stream")
@@ -62,12 +66,15 @@ class DecodeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     formats: frozenset[str] = DEFAULT_FORMATS
     timeout_s: float | None = DEFAULT_DECODE_SECONDS  # per image, in decode_image_limited
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO  # long side / short side; None: no limit
 
     def __post_init__(self):
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be positive or None, got {self.timeout_s!r}")
+        if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1 or None, got {self.max_aspect_ratio!r}")
         if isinstance(self.formats, str):
             raise TypeError("formats must be a collection of Pillow format names, not a single string")
         object.__setattr__(self, "formats", frozenset(f.upper() for f in self.formats))
@@ -135,6 +142,7 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), *, name: st
                 raise ImageDecodeError("decompression_bomb", msg)
             if width <= 0 or height <= 0:
                 raise ImageDecodeError("corrupt", f"{name}: invalid size {width}x{height}")
+            _check_aspect(width, height, config, name)
             img.seek(0)  # animated GIF / WebP / APNG: first frame only
             img.load()
             return to_rgb(img)
@@ -147,6 +155,14 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), *, name: st
         finally:
             if img is not None:
                 img.close()
+
+
+def _check_aspect(width: int, height: int, config: DecodeConfig, name: str) -> None:
+    """From the header, like the pixel limit: a degenerate sliver is refused before any pixel exists."""
+    limit = config.max_aspect_ratio
+    if limit is not None and max(width, height) > limit * min(width, height):
+        msg = f"{name}: {width}x{height} is more elongated than {limit:g}:1 (max_aspect_ratio)"
+        raise ImageDecodeError("extreme_aspect_ratio", msg)
 
 
 def _open(data, config: DecodeConfig, name: str) -> Image.Image:

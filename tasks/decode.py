@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 import encoders
-from storage.images import DecodeConfig, ImageDecodeError, decode_image_limited
+from storage.images import DEFAULT_DECODE_SECONDS, DecodeConfig, ImageDecodeError, decode_image_limited
 from storage.sources import read_bytes
 
 INPUT_SCHEMA = pa.schema(
@@ -38,7 +38,9 @@ def err_col(model: str) -> str:
 
 
 def error_json(stage: str, error_type: str, message: str) -> str:
-    return json.dumps({"stage": stage, "type": error_type, "message": message[:2000]})
+    """An error row's payload; never without a reason, even for exceptions raised without a message."""
+    message = (message or "").strip() or f"{error_type} raised without a message"
+    return json.dumps({"stage": stage, "type": error_type or "Exception", "message": message[:2000]})
 
 
 @functools.lru_cache(maxsize=16)
@@ -80,10 +82,16 @@ def decode_batch(
     models: list[dict[str, Any]],
     source_options: dict | None = None,
     max_image_pixels: int | None = None,
+    decode_timeout_s: float | None = DEFAULT_DECODE_SECONDS,
 ) -> pa.Table:
-    """models: [{"name", "weights", "options", "storage_options"}] of the run, in order."""
+    """models: [{"name", "weights", "options", "storage_options"}] of the run, in order.
+
+    decode_timeout_s: per-image wall-clock limit of the decode (None: none); a file that takes longer
+    becomes a decode/timeout error row.
+    """
     source_options = source_options or {}
-    config = DecodeConfig(max_pixels=max_image_pixels) if max_image_pixels else DecodeConfig()
+    limits = {"max_pixels": max_image_pixels} if max_image_pixels else {}
+    config = DecodeConfig(timeout_s=decode_timeout_s, **limits)
     pres = {
         m["name"]: _preprocessor(
             m["name"],

@@ -6,38 +6,18 @@ bomb is rejected from its header, before any pixel is allocated).
 """
 
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
+from _fuzz import bomb_png, encode
 from _support import smooth_image
-from PIL import Image
+from PIL import Image, ImageFile
 
-from storage.images import ImageDecodeError, decode_image
+from storage.images import DecodeConfig, ImageDecodeError, decode_image, decode_image_limited
 from storage.sources import ListError, SourceItem, list_source, read_bytes, sniff_image_format
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A valid PNG header claiming width x height 1-bit pixels, with a one-row IDAT: a few hundred bytes."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale, no interlace
-    idat = zlib.compress(b"\x00" * (1 + (width + 7) // 8), 9)
-    return (
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
-    )
 
 
 def exif_jpeg(orientation: int) -> bytes:
@@ -106,7 +86,7 @@ def corpus() -> dict[str, tuple[bytes, object]]:
         "text.jpg": (b"this is a text file with an image name\n", "not_an_image"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
         "truncated.png": (png[: len(png) // 2], "truncated"),
-        "bomb.png": (bomb_png(), "decompression_bomb"),
+        "bomb.png": (bomb_png(100_000, 100_000), "decompression_bomb"),
         "cmyk.jpg": (encode(Image.new("CMYK", (24, 16), (0, 255, 0, 0)), "JPEG", quality=95), check_cmyk),
         "grey16.png": (encode(mid_grey, "PNG"), check_16bit),
         "palette.png": (palette_png(), check_palette),
@@ -162,3 +142,56 @@ def test_hostile_corpus(tmp_path):
 )
 def test_sniff_hostile(name, fmt):
     assert sniff_image_format(corpus()[name][0]) == fmt
+
+
+# --- found by the fuzz corpus (tests/_fuzz.py, tests/flows/test_fuzz.py) ---------------------------------
+
+
+@pytest.fixture
+def load_spy(monkeypatch):
+    """Records every pixel load, to prove a file is refused from its header alone."""
+    loaded = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self):
+        loaded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return loaded
+
+
+@pytest.mark.parametrize(("size", "fmt"), [((1, 100_000), "PNG"), ((100_000, 1), "PNG"), ((1, 60_000), "GIF"),
+                                           ((3, 700), "TIFF"), ((201, 1), "WEBP")])  # fmt: skip
+def test_extreme_aspect_ratio_refused_from_the_header(load_spy, size, fmt):
+    # A 1 x 100,000 PNG is 100 KB of pixels, far under the bomb limit, yet DINOv2's shortest-edge resize
+    # turned it into 256 x 25.6M pixels (~20 GB) and the OOM killer took the decode worker (and the run).
+    data = encode(Image.new("L", size, 7), fmt)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, name="sliver")
+    assert err.value.reason == "extreme_aspect_ratio" and "sliver" in err.value.message
+    assert load_spy == []
+
+
+@pytest.mark.parametrize("size", [(1, 200), (200, 1), (1, 150), (2, 399)])
+def test_aspect_ratio_up_to_the_limit_decodes(size):
+    # Qwen2.5-VL, Qwen3-VL and GLM-4V refuse only above 200:1, so the decode limit rejects nothing they take.
+    img = decode_image(encode(Image.new("RGB", size, (9, 8, 7)), "PNG"))
+    assert img.size == size and img.getpixel((0, 0)) == (9, 8, 7)
+
+
+def test_aspect_ratio_limit_is_configurable():
+    data = encode(Image.new("L", (1, 1000)), "PNG")
+    assert decode_image(data, DecodeConfig(max_aspect_ratio=None)).size == (1, 1000)
+    assert decode_image(data, DecodeConfig(max_aspect_ratio=1000)).size == (1, 1000)
+    with pytest.raises(ImageDecodeError, match="extreme_aspect_ratio"):
+        decode_image(data, DecodeConfig(max_aspect_ratio=999))
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        DecodeConfig(max_aspect_ratio=0.5)
+
+
+def test_extreme_aspect_ratio_through_the_time_limited_path():
+    # what the decode task calls: the same refusal, not a timeout or a raw Pillow error
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image_limited(encode(Image.new("1", (100_000, 1)), "PNG"), DecodeConfig(timeout_s=10))
+    assert err.value.reason == "extreme_aspect_ratio"
