@@ -152,7 +152,9 @@ class Committer:
             keys = table["image_id"].to_pylist()
         else:
             key = (kind, dataset, None, None)
-            keys = [f"{k}\x1f{s}" for k, s in zip(input_keys(table), table["stage"].to_pylist(), strict=True)]
+            # one input may fail for several models in one shard: each model's error row is its own
+            rows = zip(input_keys(table), table["stage"].to_pylist(), table["model"].to_pylist(), strict=True)
+            keys = [f"{k}\x1f{s}\x1f{m or ''}" for k, s, m in rows]
         done, seen, keep = self._done_set(key), set(), []
         for i, k in enumerate(keys):
             if k not in done and k not in seen:

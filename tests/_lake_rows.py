@@ -73,14 +73,14 @@ def patches(uris: list[str], run_id: str, revision: str = "rev1") -> pa.Table:
     )
 
 
-def errors(uris: list[str], run_id: str, stage: str = "decode") -> pa.Table:
+def errors(uris: list[str], run_id: str, stage: str = "decode", model: str | None = None) -> pa.Table:
     n = len(uris)
     return pa.table(
         {
             "uri": uris,
             "size_bytes": [7] * n,
             "source_version": ["v1"] * n,
-            "model": [None] * n,
+            "model": [model] * n,
             "stage": [stage] * n,
             "error_type": ["ImageDecodeError"] * n,
             "message": ["truncated: image file is truncated"] * n,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import duckdb
+import pyarrow as pa
 import pytest
 from _lake_rows import DIM, embeddings, errors, key, patches
 
@@ -92,6 +93,16 @@ def test_the_same_batch_twice_leaves_one_row_per_key(tmp_path):
     late = Committer(lake).commit(stage(lake, new_run_id(), "00000", ["a.jpg", "c.jpg"]))
     assert late.rows == {} and late.duplicates == 4
     assert lake.list_files("_staging") == []
+
+
+def test_one_input_failing_for_two_models_keeps_both_error_rows(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    run = new_run_id()
+    both = pa.concat_tables([errors(["x.png"], run, "embed", m) for m in ("dinov2", MODEL)])
+    stats = Committer(lake).commit(stage_shard(lake, run, "00000", DATASET, {("errors", None): both}))
+    assert stats.rows == {"errors": 2} and stats.duplicates == 0
+    again = Committer(lake).commit(stage_shard(lake, run, "00001", DATASET, {("errors", None): both}))
+    assert again.rows == {"errors": 2}  # error rows are events: a later attempt records its own
 
 
 class Crash(RuntimeError):
