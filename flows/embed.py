@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from storage.lake import Lake, new_run_id
 from storage.lock import LakeLock
-from tasks.commit import clean_staging, commit_shard, open_lake, refresh_indexes
+from tasks.commit import clean_staging, commit_list_errors, commit_shard, open_lake, refresh_indexes
 from tasks.config import ModelSpec, RunConfig, default_ray_address
 from tasks.pipeline import RunClock, ensure_ray, run_pipeline
 from tasks.plan import ModelInfo, Plan, make_plan, model_info
@@ -115,6 +115,8 @@ def _locked_run(cfg: RunConfig, run_id: str, infos: dict[str, ModelInfo], lock: 
     t0 = time.perf_counter()
     plan = plan_run(cfg, session, infos)
     manifest.timings["plan"] = round(time.perf_counter() - t0, 3)
+    if plan.list_errors:
+        commit_list_errors(session, run_id, plan.list_errors)
     status = "failed"
     try:
         if plan.items:

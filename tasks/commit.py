@@ -6,12 +6,15 @@ They touch storage, so they declare retries; the committer makes a retried commi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import pyarrow as pa
 from prefect import task
 
-from storage.commit import CommitStats, Committer, Recovery, recover
+from storage.commit import CommitStats, Committer, Recovery, recover, stage_shard
 from storage.lake import Lake
+from storage.schema import ERRORS_SCHEMA
+from storage.sources import ListError
 from storage.vectors import IndexPolicy, VectorTable
 from tasks.config import STORAGE_RETRIES, RunConfig
 from tasks.pipeline import ShardResult
@@ -56,6 +59,22 @@ def commit_shard(session: LakeSession, result: ShardResult) -> CommitStats:
     session.totals.duplicates += stats.duplicates
     if stats.rows:
         session.shards.append(result.staged.shard)
+    return stats
+
+
+@task(name="commit-list-errors", **STORAGE_RETRIES)
+def commit_list_errors(session: LakeSession, run_id: str, errors: list[ListError]) -> CommitStats:
+    """Entries the listing could not read are error rows (stage "list") like any other failure."""
+    now = datetime.now(timezone.utc)
+    rows = [
+        {"uri": e.uri, "stage": "list", "error_type": e.error_type, "message": e.message, "run_id": run_id,
+         "created_at": now}
+        for e in errors
+    ]  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
+    staged = stage_shard(session.lake, run_id, "list", session.dataset, {("errors", None): table})
+    stats = session.committer.commit(staged)
+    session.totals.rows["errors"] = session.totals.rows.get("errors", 0) + stats.rows.get("errors", 0)
     return stats
 
 

@@ -83,9 +83,7 @@ def report(
 ) -> dict[str, Any]:
     """Fill the manifest's counts and publish them as Prefect artifacts; returns the summary."""
     list_errors = len(plan.list_errors)
-    manifest.errors_by_reason = errors_by_reason(session.lake, cfg.dataset, manifest.run_id)
-    if list_errors:
-        manifest.errors_by_reason["list"] = list_errors
+    manifest.errors_by_reason = errors_by_reason(session.lake, cfg.dataset, manifest.run_id)  # list/* too
     manifest.counts = {
         "listed": plan.listed,
         "skipped_done": plan.skipped_done,

@@ -150,3 +150,18 @@ def test_source_and_lake_on_s3(corpus, checkpoint, s3, tmp_path):
         actors=2, quiet=True, source_options=options, lake_options=options,
     )  # fmt: skip
     assert again["counts"]["embedded"] == 0 and again["counts"]["skipped_done"] == len(picked)
+
+
+def test_an_entry_the_listing_cannot_read_is_an_error_row(checkpoint, tmp_path):
+    source = tmp_path / "images"
+    make_corpus(source, 6, seed=8)
+    (source / "dangling.jpg").symlink_to(source / "nowhere.jpg")
+    lake = tmp_path / "lake"
+    summary = run(source, lake, checkpoint("dinov2"), model="dinov2")
+    assert summary["counts"]["list_errors"] == 1 and summary["counts"]["embedded"] == 6
+    assert summary["errors_by_reason"]["list/FileNotFoundError"] == 1
+    rows = duck(tmp_path).execute(
+        f"SELECT uri, stage, error_type, message FROM read_parquet('{lake}/errors/**/*.parquet', "
+        "hive_partitioning=true) WHERE stage = 'list'"
+    ).fetchall()
+    assert len(rows) == 1 and rows[0][0] == str(source / "dangling.jpg") and rows[0][3]
