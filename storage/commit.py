@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from storage.images import TRANSIENT_REASONS
 from storage.lake import Lake, check_name
 
 COMMITS_DIR = "_commits"
@@ -100,15 +101,17 @@ class Ledger:
     ) -> set[str]:
         """Inputs whose bytes cannot be decoded (or preprocessed for MODEL): a retry fails the same way.
 
-        Model-independent failures have model null. Read and embed failures (network, OOM) are not
-        included: a re-run retries them.
+        Model-independent failures have model null. Read and embed failures (network, OOM) and
+        decode failures that may pass on another attempt (timeout, out of memory) are not included:
+        a re-run retries them.
         """
-        cols = ["uri", "size_bytes", "source_version", "stage", "model"]
+        cols = ["uri", "size_bytes", "source_version", "stage", "model", "error_type"]
         table = self._read(self.lake.committed_files("errors", dataset=dataset), cols)
         if table is None:
             return set()
         same_model = pc.is_null(table["model"]) if model is None else pc.equal(table["model"], model)
         mask = pc.and_(pc.is_in(table["stage"], pa.array(stages)), same_model)
+        mask = pc.and_(mask, pc.invert(pc.is_in(table["error_type"], pa.array(sorted(TRANSIENT_REASONS)))))
         return set(input_keys(table.filter(mask)))
 
     def patch_ids(self, dataset: str, model: str, revision: str) -> set[str]:

@@ -35,8 +35,11 @@ REASONS = frozenset(
         "read_failed",
         "timeout",
         "extreme_aspect_ratio",
+        "out_of_memory",
     }
 )
+# the file may decode on another attempt (a busy or memory-starved worker): later runs retry these
+TRANSIENT_REASONS = frozenset({"timeout", "out_of_memory"})
 DEFAULT_DECODE_SECONDS = 30.0
 # Qwen2.5-VL, Qwen3-VL and GLM-4V refuse more than 200:1; DINOv2's shortest-edge resize would inflate a
 # 1 x 100,000 sliver to 256 x 25.6M pixels (~20 GB) and take the worker down with it.
@@ -150,6 +153,8 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), *, name: st
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError("decompression_bomb", f"{name}: {e}") from e
+        except MemoryError as e:  # the worker's memory, not necessarily the file: not a permanent verdict
+            raise ImageDecodeError("out_of_memory", f"{name}: out of memory while decoding") from e
         except Exception as e:  # untrusted input: any Pillow failure is a per-file error
             raise _classify(e, name) from e
         finally:

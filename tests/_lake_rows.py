@@ -73,7 +73,9 @@ def patches(uris: list[str], run_id: str, revision: str = "rev1") -> pa.Table:
     )
 
 
-def errors(uris: list[str], run_id: str, stage: str = "decode", model: str | None = None) -> pa.Table:
+def errors(
+    uris: list[str], run_id: str, stage: str = "decode", model: str | None = None, error_type: str = "corrupt"
+) -> pa.Table:
     n = len(uris)
     return pa.table(
         {
@@ -82,7 +84,7 @@ def errors(uris: list[str], run_id: str, stage: str = "decode", model: str | Non
             "source_version": ["v1"] * n,
             "model": [model] * n,
             "stage": [stage] * n,
-            "error_type": ["ImageDecodeError"] * n,
+            "error_type": [error_type] * n,
             "message": ["truncated: image file is truncated"] * n,
             "run_id": [run_id] * n,
             "created_at": [NOW] * n,

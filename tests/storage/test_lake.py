@@ -174,6 +174,15 @@ def test_crash_after_k_of_n_shards_then_rerun_is_exactly_once(tmp_path, crash_at
     assert sorted(set(merged[MODEL])) == sorted(set(embeddings(inputs, run2)["image_id"].to_pylist()))
 
 
+def test_decode_failures_that_may_pass_later_are_retried_by_the_next_run(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    run = new_run_id()
+    reasons = ("timeout", "out_of_memory", "corrupt")
+    tables = {("errors", None): pa.concat_tables([errors([f"{r}.jpg"], run, error_type=r) for r in reasons])}
+    Committer(lake).commit(stage_shard(lake, run, "00000", DATASET, tables))
+    assert {k.split("\x1f")[0] for k in Ledger(lake).failed_keys(DATASET)} == {"corrupt.jpg"}
+
+
 def test_ledger_keys_follow_revision_version_and_error_stage(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     run = new_run_id()
