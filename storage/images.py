@@ -265,12 +265,13 @@ def load_image(
     """Any user input -> RGB image: a local path or fsspec URL, encoded bytes, a PIL image or a uint8 array.
 
     Files and bytes go through decode_image (all guards apply); PIL images and arrays are already in
-    memory, so only the conversion to RGB is applied.
+    memory, so only the conversion to RGB and the aspect-ratio limit (a sliver would blow up in a
+    shortest-edge resize) apply.
     """
-    if isinstance(obj, Image.Image):
-        return to_rgb(obj)
-    if isinstance(obj, np.ndarray):
-        return _from_array(obj)
+    if isinstance(obj, (Image.Image, np.ndarray)):
+        img = to_rgb(obj) if isinstance(obj, Image.Image) else _from_array(obj)
+        _check_aspect(img.width, img.height, config, f"<{type(obj).__name__}>")
+        return img
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return decode_image(obj, config)
     if isinstance(obj, (str, os.PathLike)):

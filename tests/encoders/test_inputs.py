@@ -86,3 +86,14 @@ def test_missing_path_and_wrong_type(enc, tmp_path):
         enc.embed([tmp_path / "missing.png"])
     with pytest.raises(TypeError):
         enc.embed([42])
+
+
+@pytest.mark.parametrize("kind", ["pil", "array"])
+def test_an_in_memory_sliver_is_refused_before_any_resize(kind, checkpoint):
+    # DINOv2 resizes the shortest edge to 256: 1 x 100,000 would become 256 x 25.6M pixels (~20 GB)
+    enc = encoders.load("dinov2", checkpoint("dinov2"))
+    arr = np.zeros((1, 100_000, 3), np.uint8)
+    image = Image.fromarray(arr) if kind == "pil" else arr
+    with pytest.raises(ImageDecodeError, match="more elongated than 200:1") as err:
+        enc.embed([image])
+    assert err.value.reason == "extreme_aspect_ratio"
