@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from storage.images import load_image
+from storage.images import DecodeConfig, load_image
 
 DTYPES = {
     "fp32": torch.float32,
@@ -216,6 +216,10 @@ class Encoder(abc.ABC):
     def batch_key(self, prepared: Prepared) -> Any:
         return None
 
+    def decode_config(self) -> DecodeConfig:
+        """How files and bytes are decoded for this encoder; part of its preprocessing (and hash)."""
+        return DecodeConfig()
+
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -227,7 +231,7 @@ class Encoder(abc.ABC):
     # -- shared machinery --------------------------------------------------------------------------
     def preprocess(self, image: Any, storage_options: dict | None = None) -> Prepared:
         """Any input kind (path, URL, bytes, PIL, numpy) -> RGB with EXIF applied -> model inputs."""
-        return self.preprocess_image(load_image(image, storage_options=storage_options))
+        return self.preprocess_image(load_image(image, self.decode_config(), storage_options=storage_options))
 
     def options(
         self,

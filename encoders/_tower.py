@@ -23,6 +23,7 @@ from encoders._weights import (
     read_tower_tensors,
     tensors_revision,
 )
+from storage.images import original_size
 
 TOWERFLOW_FILE = "towerflow.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -249,10 +250,11 @@ def processor_inputs(processor: Any, image: Any) -> dict[str, np.ndarray]:
 def prepared_from(
     pixel_values: np.ndarray, image: Any, grid_thw: tuple[int, int, int] | None, seq_len: int
 ) -> Prepared:
+    width, height = original_size(image)
     return Prepared(
         pixel_values=np.ascontiguousarray(pixel_values, dtype=np.float32),
         grid_thw=grid_thw,
-        width=image.width,
-        height=image.height,
+        width=width,
+        height=height,
         seq_len=seq_len,
     )

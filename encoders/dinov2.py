@@ -11,6 +11,7 @@ from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 from encoders._base import EmbedOptions, Prepared, TowerOutput
 from encoders._registry import register_encoder
 from encoders._tower import TowerEncoder, prepared_from, processor_inputs
+from storage.images import DecodeConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -73,6 +74,15 @@ class Dinov2Encoder(TowerEncoder):
     @property
     def dim(self) -> int:
         return int(self.config.hidden_size)
+
+    def decode_config(self) -> DecodeConfig:
+        """JPEGs decode straight at the scale the shortest-edge resize needs (see DecodeConfig)."""
+        p = self.processor
+        return DecodeConfig(draft_short_side=p.size.get("shortest_edge") if p.do_resize else None)
+
+    def processor_config(self) -> dict[str, Any]:
+        draft = self.decode_config().draft_short_side
+        return {**super().processor_config(), "decode_draft_short_side": draft}
 
     def preprocess_image(self, image: Any) -> Prepared:
         pixels = processor_inputs(self.processor, image)["pixel_values"][0]

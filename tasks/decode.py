@@ -6,18 +6,32 @@ failed blocks, so an exception here would lose the whole batch).
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
 import hashlib
 import json
+import logging
+import os
 import pickle
+import threading
 import time
 from typing import Any
 
 import pyarrow as pa
 
 import encoders
-from storage.images import DEFAULT_DECODE_SECONDS, DecodeConfig, ImageDecodeError, decode_image_limited
+from storage.images import (
+    DEFAULT_DECODE_SECONDS,
+    DecodeConfig,
+    ImageDecodeError,
+    decode_image_limited,
+    original_size,
+)
 from storage.sources import read_bytes
+
+log = logging.getLogger(__name__)
+DECODE_NICE = 10  # niceness of decode threads (see _lower_priority)
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -55,28 +69,57 @@ def timing_col(stage: str) -> str:
     return f"t__{stage}"
 
 
-def _read_decode(
-    uri: str, source_options: dict, config: DecodeConfig, clock: dict[str, float]
-) -> tuple[Any, str | None, str | None]:
-    """(image, image_id, error_json): exactly one of image / error is set. Adds to CLOCK."""
+def _read(uri: str, source_options: dict, clock: dict[str, float]) -> tuple[bytes | None, str | None]:
     t0 = time.perf_counter()
     try:
-        data = read_bytes(uri, source_options)
+        return read_bytes(uri, source_options), None
     except Exception as e:  # noqa: BLE001 - any read failure is this input's error row, never the run's
-        return None, None, error_json("read", type(e).__name__, str(e))
+        return None, error_json("read", type(e).__name__, str(e))
     finally:
         clock["read"] += time.perf_counter() - t0
+
+
+def _decode(data: bytes, uri: str, config: DecodeConfig, clock: dict[str, float]) -> tuple[Any, str | None]:
+    """(image, error_json): exactly one is set. Adds to CLOCK."""
     t0 = time.perf_counter()
     try:
-        image_id = hashlib.sha256(data).hexdigest()
-        return decode_image_limited(data, config, name=uri), image_id, None
+        return decode_image_limited(data, config, name=uri), None
     except ImageDecodeError as e:
-        return None, image_id, error_json("decode", e.reason, e.message)
+        return None, error_json("decode", e.reason, e.message)
     finally:
         clock["decode"] += time.perf_counter() - t0
 
 
-def decode_batch(
+def _lower_priority() -> None:
+    """Decode threads yield the CPU to the embedding actors on the node: the tower is what must never
+    wait. Only this thread (and the decode threads it starts) is affected, never the worker's main
+    thread, which Ray may later reuse for an actor. TOWERFLOW_DECODE_NICE tunes it (0: off)."""
+    nice = int(os.environ.get("TOWERFLOW_DECODE_NICE", DECODE_NICE))
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as e:  # e.g. a sandbox forbidding it: decode still works at normal priority
+            log.warning("could not lower the decode thread's priority: %s", e)
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _low_priority_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="towerflow-decode-batch", initializer=_lower_priority
+        )
+    return _pool
+
+
+def decode_batch(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """The Ray task: runs _decode_batch (same arguments) in a lower-priority thread."""
+    return _low_priority_pool().submit(_decode_batch, batch, **kwargs).result()
+
+
+def _decode_batch(
     batch: pa.Table,
     *,
     models: list[dict[str, Any]],
@@ -87,11 +130,11 @@ def decode_batch(
     """models: [{"name", "weights", "options", "storage_options"}] of the run, in order.
 
     decode_timeout_s: per-image wall-clock limit of the decode (None: none); a file that takes longer
-    becomes a decode/timeout error row.
+    becomes a decode/timeout error row. Each model decodes with its own DecodeConfig (e.g. DINOv2's
+    draft scale); models that share one share the decode.
     """
     source_options = source_options or {}
     limits = {"max_pixels": max_image_pixels} if max_image_pixels else {}
-    config = DecodeConfig(timeout_s=decode_timeout_s, **limits)
     pres = {
         m["name"]: _preprocessor(
             m["name"],
@@ -101,6 +144,10 @@ def decode_batch(
         )  # fmt: skip
         for m in models
     }
+    configs = {
+        name: dataclasses.replace(pre.decode_config(), timeout_s=decode_timeout_s, **limits)
+        for name, pre in pres.items()
+    }
     rows = batch.to_pylist()
     out: dict[str, list[Any]] = {k: [] for k in ("image_id", "width", "height", "error")}
     for name in pres:
@@ -108,20 +155,34 @@ def decode_batch(
     timings: dict[str, list[float]] = {"read": [], "decode": [], "preprocess": []}
     for row in rows:
         clock = dict.fromkeys(timings, 0.0)
-        image, image_id, error = _read_decode(row["uri"], source_options, config, clock)
-        out["image_id"].append(image_id)
-        out["width"].append(image.width if image else None)
-        out["height"].append(image.height if image else None)
+        wanted = [n for n in pres if n in (row["models"] or ())]
+        data, error = _read(row["uri"], source_options, clock)
+        decoded: dict[DecodeConfig, tuple[Any, str | None]] = {}
+        decode_for = wanted or list(pres)[:1]  # the row's metadata even if no model wants it
+        if data is not None:
+            for name in decode_for:
+                if configs[name] not in decoded:
+                    decoded[configs[name]] = _decode(data, row["uri"], configs[name], clock)
+        first = decoded[configs[decode_for[0]]] if decoded else (None, error)
+        image, error = first
+        size = original_size(image) if image is not None else (None, None)
+        out["image_id"].append(hashlib.sha256(data).hexdigest() if data is not None else None)
+        out["width"].append(size[0])
+        out["height"].append(size[1])
         out["error"].append(error)
         for name, pre in pres.items():
             prepared, perr = None, None
-            if image is not None and name in (row["models"] or ()):
-                t0 = time.perf_counter()
-                try:
-                    prepared = pickle.dumps(pre.preprocess_image(image), protocol=5)
-                except Exception as e:  # noqa: BLE001 - e.g. an aspect ratio the model refuses
-                    perr = error_json("decode", type(e).__name__, str(e))
-                clock["preprocess"] += time.perf_counter() - t0
+            img, derr = decoded.get(configs[name], (None, None))
+            if error is None and name in wanted:
+                if img is None:  # this model's decode failed where the first model's did not
+                    perr = derr
+                else:
+                    t0 = time.perf_counter()
+                    try:
+                        prepared = pickle.dumps(pre.preprocess_image(img), protocol=5)
+                    except Exception as e:  # noqa: BLE001 - e.g. an aspect ratio the model refuses
+                        perr = error_json("decode", type(e).__name__, str(e))
+                    clock["preprocess"] += time.perf_counter() - t0
             out[prep_col(name)].append(prepared)
             out[err_col(name)].append(perr)
         for stage, seconds in clock.items():

@@ -116,3 +116,20 @@ def test_min_max_pixels_bound_the_resized_image(name, checkpoint):
     for h, w in [(2000, 1500), (20, 40), (300, 90)]:
         gh, gw = enc.embed([smooth_image(h, w)], patch_level="pre_merger").grids[0]
         assert 112 * 112 * 0.8 <= gh * gw * patch * patch <= 200 * 200, (h, w, gh, gw)
+
+
+def test_dinov2_decodes_big_jpegs_at_draft_scale_with_the_same_result_and_sizes(checkpoint, tmp_path):
+    """DINOv2 resizes to a 256 short side anyway: a JPEG decoded at 1/4 scale gives (almost) the same
+    vector, and the reported size stays the file's. Qwen (dynamic resolution) always decodes in full."""
+    from storage.images import load_image
+
+    path = tmp_path / "photo.jpg"
+    smooth_image(1500, 2000, 7).save(path, quality=92)
+    dino = encoders.load("dinov2", weights=checkpoint("dinov2"))
+    drafted, full = dino.embed([str(path)]), dino.embed([load_image(str(path))])
+    assert drafted.sizes == full.sizes == [(2000, 1500)]
+    a, b = drafted.pooled[0], full.pooled[0]
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9999
+    assert dino.processor_config()["decode_draft_short_side"] == 256
+    qwen = encoders.load("qwen2_5_vl", weights=checkpoint("qwen2_5_vl"))
+    np.testing.assert_array_equal(qwen.embed([str(path)]).pooled, qwen.embed([load_image(str(path))]).pooled)

@@ -17,6 +17,7 @@ from storage.images import (
     ImageDecodeError,
     decode_image,
     load_image,
+    original_size,
     to_rgb,
 )
 
@@ -392,3 +393,28 @@ def test_decode_time_limit_turns_a_slow_file_into_a_timeout_error():
     assert err.value.reason == "timeout" and "slow.png" in str(err.value)
     assert decode_image_limited(data, DecodeConfig(timeout_s=60)).size == (2000, 2000)  # the next one decodes
     assert decode_image_limited(data, DecodeConfig(timeout_s=None)).size == (2000, 2000)
+
+
+def test_a_draft_decode_is_smaller_but_keeps_the_short_side_and_reports_the_file_size():
+    from _support import smooth_image
+
+    photo = smooth_image(1200, 1600, 4)
+    jpeg, png = encode(photo, "JPEG", quality=92), encode(photo, "PNG")
+    small = decode_image(jpeg, DecodeConfig(draft_short_side=256))
+    assert small.size == (400, 300)  # scale 1/4: the largest that keeps the short side >= 256
+    assert original_size(small) == (1600, 1200)
+    full = decode_image(jpeg)
+    assert full.size == original_size(full) == (1600, 1200)
+    assert decode_image(png, DecodeConfig(draft_short_side=256)).size == (1600, 1200)  # JPEG only
+    reduced = np.asarray(full.resize(small.size, Image.Resampling.BOX), np.float32)
+    assert np.abs(np.asarray(small, np.float32) - reduced).mean() < 3  # the same picture, in 8-bit steps
+
+
+def test_a_draft_decode_reports_the_upright_size_of_a_rotated_photo():
+    from _support import smooth_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: upright it is 1200 wide, 1600 tall
+    data = encode(smooth_image(1200, 1600, 5), "JPEG", exif=exif.tobytes())
+    img = decode_image(data, DecodeConfig(draft_short_side=256))
+    assert img.size == (300, 400) and original_size(img) == (1200, 1600)
