@@ -6,13 +6,27 @@ batch equals the per-image forwards; batches are bounded by a token budget, not 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
+from encoders._attention import default_packed_attention
 from encoders._base import EmbedOptions, Prepared, TowerOutput
 from encoders._tower import TowerEncoder, prepared_from, processor_inputs
+
+
+class PackedInputs(NamedTuple):
+    """One packed batch on the device, plus the grid-derived tensors transformers would compute itself.
+
+    `seq_kwargs` (cu_seqlens, max_seqlen, position_ids, ...) are built on the host from the grid list,
+    so the forward needs no device-to-host sync for them; transformers pops them from its kwargs.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    seq_kwargs: dict[str, Any]
 
 
 def block_to_row_major(x: torch.Tensor, t: int, h: int, w: int, m: int) -> torch.Tensor:
@@ -32,6 +46,11 @@ class PackedTowerEncoder(TowerEncoder):
         out = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         return {k: v for k, v in out.items() if v is not None}
 
+    @classmethod
+    def default_attn_implementation(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Packed varlen attention where its kernel runs (CUDA, fp16/bf16); transformers' sdpa elsewhere."""
+        return default_packed_attention(device, dtype)
+
     @property
     def merge(self) -> int:
         return int(self.config.spatial_merge_size)
@@ -39,6 +58,18 @@ class PackedTowerEncoder(TowerEncoder):
     @property
     def dim(self) -> int:
         return int(self.config.out_hidden_size)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """Opt-in torch.compile of every vision block (lazy: compiles on the first forward).
+
+        Fuses the eager fp32 RMSNorm / rotary / activation kernels that dominate a varlen forward:
+        measured on an H100, Qwen2.5-VL-7B tower at 448x448, 167 -> 340 img/s after a ~6 s warm-up.
+        dynamic=True because every packed batch has a different token count.
+        """
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: a preprocessing-only instance has no model to compile")
+        for block in self.model.blocks:
+            block.compile(**{"dynamic": True, **options})
 
     def preprocess_image(self, image: Any) -> Prepared:
         out = processor_inputs(self.processor, image)
@@ -53,26 +84,44 @@ class PackedTowerEncoder(TowerEncoder):
         """(seq, hidden) states before the merger, in the processor's block order."""
         return out.last_hidden_state
 
-    def run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, opts: EmbedOptions) -> Any:
-        return self.model(pixel_values, grid_thw=grid_thw)
+    def run_tower(self, inputs: PackedInputs, opts: EmbedOptions) -> Any:
+        return self.call_model(inputs)
 
-    def collate(self, batch: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One packed input on the device: (pixel_values (seq, C*T*P*P), grid_thw (n, 3))."""
+    def call_model(self, inputs: PackedInputs) -> Any:
+        return self.model(inputs.pixel_values, grid_thw=inputs.grid_thw, **inputs.seq_kwargs)
+
+    def seq_kwargs(self, grid_thw: torch.Tensor) -> dict[str, Any]:
+        """Grid-derived forward inputs from a host grid, with transformers' own functions (same values)."""
+        cu_seqlens = get_vision_cu_seqlens(grid_thw)
+        return {
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": int(cu_seqlens.diff().max()),
+            "position_ids": get_vision_position_ids(grid_thw, self.merge),
+        }
+
+    def collate(self, batch: list[Prepared]) -> PackedInputs:
+        """One packed input on the device: pixel_values (seq, C*T*P*P), grid_thw (n, 3), seq_kwargs."""
         pixels = torch.from_numpy(np.concatenate([p.pixel_values for p in batch]))
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
-        return pixels, torch.tensor([p.grid_thw for p in batch], dtype=torch.long, device=self.device)
+        grid_thw = torch.tensor([p.grid_thw for p in batch], dtype=torch.long)
+        seq_kwargs = {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in self.seq_kwargs(grid_thw).items()
+        }
+        return PackedInputs(pixels, grid_thw.to(self.device, non_blocking=True), seq_kwargs)
 
-    def run_collated(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> Any:
+    def run_collated(self, inputs: PackedInputs) -> Any:
         """The bare tower forward (what a benchmark's ceiling measures)."""
         with torch.inference_mode():
-            return self.model(inputs[0], grid_thw=inputs[1])
+            return self.call_model(inputs)
 
     def forward(self, batch: list[Prepared], opts: EmbedOptions) -> list[TowerOutput]:
         thw_list = [p.grid_thw for p in batch]
-        pixels, grid_thw = self.collate(batch)
+        inputs = self.collate(batch)
+        grid_thw = inputs.grid_thw
         m = self.merge
         with torch.inference_mode():
-            out = self.run_tower(pixels, grid_thw, opts)
+            out = self.run_tower(inputs, opts)
             merged_counts = [t * h * w // (m * m) for t, h, w in thw_list]
             if opts.patch_level == "merged":
                 tokens = torch.split(out.pooler_output.float().cpu(), merged_counts)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
+from encoders._attention import POST_LOAD_ATTENTION
 from encoders._base import Encoder, Prepared, config_hash, resolve_device, resolve_dtype
 from encoders._weights import (
     INDEX_FILE,
@@ -96,6 +97,11 @@ class TowerEncoder(Encoder):
             raise TypeError(f"{cls.name} takes no preprocessing overrides, got {', '.join(overrides)}")
         return {}
 
+    @classmethod
+    def default_attn_implementation(cls, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Attention used when the caller names none; None is transformers' own default (sdpa)."""
+        return None
+
     # -- loading -----------------------------------------------------------------------------------
     @classmethod
     def load(
@@ -111,24 +117,28 @@ class TowerEncoder(Encoder):
     ) -> TowerEncoder:
         ckpt = open_checkpoint(weights, storage_options)
         config = cls._read_config(ckpt)
-        if attn_implementation:
-            config._attn_implementation = attn_implementation
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        attn = attn_implementation or cls.default_attn_implementation(dev, torch_dtype)
+        if attn and attn not in POST_LOAD_ATTENTION:
+            config._attn_implementation = attn
         tensors = read_tower_tensors(ckpt, cls.vision_prefixes, allow_pickle)
         if not tensors:
             raise CheckpointError(f"{ckpt.location}: no tensors of the {cls.name} vision tower found")
         revision = tensors_revision(tensors)
-        dev = resolve_device(device)
         with _quiet_transformers():
             model, info = cls.model_class.from_pretrained(
                 None,
                 config=config,
                 state_dict=tensors,
-                dtype=resolve_dtype(dtype, dev),
+                dtype=torch_dtype,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,
             )
         del tensors
         check_loading_info(info, ckpt.location)
+        if attn in POST_LOAD_ATTENTION:
+            model.config._attn_implementation = attn  # the setter reaches every block (shared config)
         return cls(model.to(dev), cls._read_processor(ckpt, preprocess), device=dev, revision=revision)
 
     @classmethod

@@ -8,7 +8,7 @@ import torch
 from transformers import Glm4vImageProcessorPil, Glm4vVisionConfig, Glm4vVisionModel
 
 from encoders._base import EmbedOptions
-from encoders._packed import PackedTowerEncoder
+from encoders._packed import PackedInputs, PackedTowerEncoder
 from encoders._qwen_norms import CLIP_MEAN, CLIP_STD
 from encoders._registry import register_encoder
 
@@ -70,14 +70,14 @@ class Glm4vEncoder(PackedTowerEncoder):
             size["longest_edge"] = 2 * max_pixels
         return {"size": size}
 
-    def run_tower(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, opts: EmbedOptions) -> Any:
+    def run_tower(self, inputs: PackedInputs, opts: EmbedOptions) -> Any:
         """Pre-merger states are post_layernorm's output (last_hidden_state is already downsampled)."""
         if opts.patch_level != "pre_merger":
-            return self.model(pixel_values, grid_thw=grid_thw)
+            return self.call_model(inputs)
         captured: list[torch.Tensor] = []
         handle = self.model.post_layernorm.register_forward_hook(lambda _m, _i, o: captured.append(o))
         try:
-            out = self.model(pixel_values, grid_thw=grid_thw)
+            out = self.call_model(inputs)
         finally:
             handle.remove()
         out.pre_merger = captured[0]
