@@ -17,6 +17,7 @@ import torch
 
 import encoders
 from tasks.decode import err_col, error_json, prep_col, timing_col
+from tasks.faults import maybe_fault
 
 
 def emb_col(model: str) -> str:
@@ -97,6 +98,7 @@ class EmbedActor:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        maybe_fault("embed")  # test hook (tasks.faults): a no-op unless TOWERFLOW_FAULT names it
         prepared_col = batch[prep_col(self.name)].to_pylist()
         errors = batch[err_col(self.name)].to_pylist()
         rows = [i for i, p in enumerate(prepared_col) if p is not None]
