@@ -220,14 +220,20 @@ def apply_intent(
 class Recovery:
     rolled_forward: int = 0  # interrupted commits finished
     orphans_removed: int = 0  # staging files of dead runs deleted
+    abandoned_runs: list[str] = field(default_factory=list)  # runs that died without finishing
 
 
 def recover(lake: Lake, on_embeddings: OnEmbeddings | None = None, keep_run: str | None = None) -> Recovery:
     """Finish interrupted commits and delete staging files no commit refers to.
 
-    Run at the start of every run, before planning: afterwards the lake holds exactly the committed rows.
+    Run at the start of every run, under the lake's writer lock, before planning: afterwards the lake
+    holds exactly the committed rows.
     """
     report = Recovery()
+    for leftover in lake.list_files(COMMITS_DIR, suffix=""):
+        if not leftover.endswith(".json"):  # a temp file of an intent write that died before its rename
+            lake.remove(leftover)
+            report.orphans_removed += 1
     for record in lake.list_files(COMMITS_DIR, suffix=".json"):
         with lake.fs.open(lake.path(record), "rb") as f:
             intent = json.loads(f.read())

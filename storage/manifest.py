@@ -35,7 +35,7 @@ class RunManifest:
     source: str
     dataset: str
     encoders: list[EncoderRecord] = field(default_factory=list)
-    status: str = "running"  # running | succeeded | failed
+    status: str = "running"  # running | succeeded | failed | interrupted | abandoned (the run died)
     counts: dict[str, int] = field(default_factory=dict)  # listed, skipped_done, embedded, errors, ...
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     committed_shards: list[str] = field(default_factory=list)
@@ -76,3 +76,13 @@ def list_manifests(lake: Lake) -> list[RunManifest]:
         with lake.fs.open(lake.path(rel), "rb") as f:
             runs.append(RunManifest(**json.loads(f.read())))
     return sorted(runs, key=lambda r: r.run_id)
+
+
+def abandon_dead_runs(lake: Lake, keep_run: str) -> list[str]:
+    """Mark "running" manifests of other runs as abandoned: under the writer lock no other run is alive,
+    so such a run was killed (SIGKILL, a lost node) before it could record how it ended."""
+    dead = [m for m in list_manifests(lake) if m.status == "running" and m.run_id != keep_run]
+    for manifest in dead:
+        manifest.status = "abandoned"  # finished_at stays unknown
+        write_manifest(lake, manifest)
+    return [m.run_id for m in dead]

@@ -13,6 +13,7 @@ from prefect import task
 
 from storage.commit import CommitStats, Committer, Recovery, recover, stage_shard
 from storage.lake import Lake
+from storage.manifest import abandon_dead_runs
 from storage.schema import ERRORS_SCHEMA
 from storage.sources import ListError
 from storage.vectors import IndexPolicy, VectorTable
@@ -47,6 +48,7 @@ def open_lake(cfg: RunConfig, infos: dict[str, ModelInfo], run_id: str) -> LakeS
     }
     session = LakeSession(lake, cfg.dataset, tables)
     session.recovery = recover(lake, session.merge_vectors, keep_run=run_id)
+    session.recovery.abandoned_runs = abandon_dead_runs(lake, keep_run=run_id)
     session.committer = Committer(lake, session.merge_vectors)
     return session
 

@@ -23,6 +23,8 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.demo import make_corpus
 from flows.embed import embed_corpus
+from storage.lake import Lake
+from storage.manifest import list_manifests
 from tasks.faults import Fault, fired, parse
 
 MODEL = "qwen2_5_vl"
@@ -134,6 +136,8 @@ def test_driver_sigkilled_at_three_points_then_rerun_is_exactly_once(checkpoint,
     counts = summary["counts"]
     assert counts["skipped_done"] + counts["embedded"] + counts["errors"] == counts["listed"] == N + 2
     _assert_complete(check_lake(lake, MODEL), good, broken)
+    statuses = sorted(m.status for m in list_manifests(Lake(str(lake))))
+    assert statuses.count("succeeded") == 1 and set(statuses) <= {"succeeded", "abandoned"}  # none "running"
 
 
 def _count_to_five(fault: str | None, fault_dir: Path | None) -> subprocess.CompletedProcess:

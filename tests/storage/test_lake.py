@@ -9,7 +9,14 @@ from _lake_rows import DIM, embeddings, errors, key, patches
 
 from storage.commit import Committer, Ledger, StagedShard, commit_record_path, recover, stage_shard
 from storage.lake import Lake, check_name, new_run_id
-from storage.manifest import EncoderRecord, RunManifest, list_manifests, read_manifest, write_manifest
+from storage.manifest import (
+    EncoderRecord,
+    RunManifest,
+    abandon_dead_runs,
+    list_manifests,
+    read_manifest,
+    write_manifest,
+)
 
 MODEL, DATASET = "qwen2_5_vl", "photos"
 
@@ -309,3 +316,17 @@ def test_crash_and_rerun_keep_parquet_and_lancedb_in_agreement(tmp_path):
     )
     lance_ids = sorted(table.table.to_arrow()["image_id"].to_pylist())
     assert [r[0] for r in parquet_ids] == lance_ids and len(lance_ids) == 12
+
+
+def test_recovery_removes_a_dead_intent_writes_temp_file_and_marks_dead_runs_abandoned(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    dead, done, me = new_run_id(), new_run_id(), new_run_id()
+    lake.write_bytes(f"{commit_record_path(dead, '00000')}.tmp-1a2b", b'{"run_id": "')  # killed mid-write
+    for run_id, status in ((dead, "running"), (done, "succeeded"), (me, "running")):
+        manifest = RunManifest(run_id, "/src", DATASET)
+        manifest.status = status
+        write_manifest(lake, manifest)
+    assert recover(lake).orphans_removed == 1 and lake.list_files("_commits", suffix="") == []
+    assert abandon_dead_runs(lake, keep_run=me) == [dead]
+    assert {m.run_id: m.status for m in list_manifests(lake)} == {
+        dead: "abandoned", done: "succeeded", me: "running"}  # fmt: skip
