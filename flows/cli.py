@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +152,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """E and the exceptions it was raised from (explicitly, or implicitly unless suppressed)."""
+    out: list[BaseException] = []
+    while e is not None and all(e is not seen for seen in out):
+        out.append(e)
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+    return out
+
+
+# How storage.lake.AccessDenied prints; Ray ships a worker's exception to the driver as text inside a
+# UserCodeException, so this is how a denied write in a Ray worker is recognised and named.
+_DENIED_TEXT = re.compile(r"AccessDenied: \[Errno \d+\] ([^\n]*?): '([^'\n]+)'")
+
+
 def _one_line(e: BaseException) -> str:
+    """One line for the user, secrets masked. An access denial names the URL it was denied (a wrapper
+    raised from it may not)."""
+    from storage.lake import DENIED, is_access_denied
+
+    outer = e
+    while isinstance(getattr(e, "cause", None), BaseException) and e.cause is not e:
+        e = e.cause  # ray.exceptions.RayTaskError: its own str() is the worker's whole traceback
+    denied = is_access_denied(outer)
+    if denied:
+        e = next((x for x in _chain(e) if isinstance(x, OSError) and x.filename is not None), e)
+    found = _DENIED_TEXT.search(str(outer)) if denied else None
     if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.strerror or type(e).__name__}: {os.fspath(e.filename)}"
-    return " ".join(str(e).split()) or type(e).__name__
+        line = f"{e.strerror or type(e).__name__}: {os.fspath(e.filename)}"
+    elif found:
+        line = f"{found[1]}: {found[2]}"
+    else:
+        line = " ".join(str(e).split()) or type(e).__name__
+        if denied and "access denied" not in line.lower():
+            line = f"{DENIED}: {line}"  # e.g. s3fs's bare "Forbidden" from a HEAD request
+    secrets = {os.environ.get(k) or "" for k in _SECRET_ENV}
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):
+        line = line.replace(secret, "***")
+    return line
+
+
+class _NoTracebackWhenDenied(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; an access denial is explained in one
+    line by main(), so its records keep their message and lose the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from storage.lake import is_access_denied
+
+        if record.exc_info and is_access_denied(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def _one_line_denials() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    flt = _NoTracebackWhenDenied()
+    for logger in loggers:
+        logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(flt)
 
 
 def _quiet_prefect(args: argparse.Namespace) -> None:
@@ -178,9 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         NotADirectoryError,
         PermissionError,
     )
+    from storage.lake import is_access_denied
+
     try:
-        return args.func(args)
-    except expected as e:
+        with _one_line_denials():
+            return args.func(args)
+    except Exception as e:
+        if not (isinstance(e, expected) or is_access_denied(e)):  # access denied: whatever client said it
+            raise
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 

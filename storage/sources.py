@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
+from storage.lake import DENIED, AccessDenied, denied_as, is_access_denied, redact_url, with_client_retries
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 _COLUMNS = ("uri", "size_bytes", "source_version")  # of csv / parquet manifests, as in storage.schema
@@ -79,17 +81,21 @@ class SourceError(ValueError):
 def source_filesystem(
     source: str, storage_options: dict | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, protocol-stripped path) for a path or URL; local paths need no options."""
+    """(filesystem, protocol-stripped path) for a path or URL; local paths need no options.
+
+    S3 clients get storage.lake.S3_CLIENT_RETRIES unless the options set their own.
+    """
     source = os.fspath(source)
     local = fsspec.core.split_protocol(source)[0] in (None, "file", "local")
-    return fsspec.core.url_to_fs(source, **({} if local else dict(storage_options or {})))
+    return fsspec.core.url_to_fs(source, **({} if local else with_client_retries(source, storage_options)))
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
-    """The whole object, in one request (cat_file: no separate HEAD as open() would do on S3)."""
+    """The whole object. Transient store errors are retried by the client; a 403 is AccessDenied."""
     fs, path = source_filesystem(uri, storage_options)
     try:
-        return fs.cat_file(path)
+        with denied_as(str(uri)):
+            return fs.cat_file(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(errno.ENOENT, "No such object", str(uri)) from e
 
@@ -132,6 +138,9 @@ def list_source(
     except FileNotFoundError:
         raise SourceError(scrub(f"cannot list {src}: it does not exist")) from None
     except Exception as e:
+        local = isinstance(e, PermissionError) and e.filename is not None  # names its path already
+        if is_access_denied(e) and not local:  # an object store's 403: permanent, its own one-line message
+            raise AccessDenied(errno.EACCES, DENIED, scrub(redact_url(src))) from None
         raise SourceError(scrub(f"cannot list {src}: {_describe(e)}")) from None
 
 

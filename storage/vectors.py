@@ -20,12 +20,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from lancedb.index import Bitmap, BTree, IvfHnswSq
 
+from storage.lake import denied_as, is_access_denied
+
 VECTOR_COLUMN = "vector"
 KEY_COLUMN = "image_id"
 # Scalar indices: image_id for merge/get lookups, dataset for the usual prefilter.
 SCALAR_INDICES = {KEY_COLUMN: BTree, "dataset": Bitmap}
 METRICS = ("cosine", "l2", "dot")
 _IN_CHUNK = 1000  # ids per `IN (...)` query in get(): keeps the SQL small
+# Lance's object store retries 5xx, 429 and idempotent requests' connection errors (never a 403). Its
+# default, 3 retries, leaves ~1e-4 of requests failing on a store that fails 10% of them; 10 leaves ~1e-11.
+# A conditional PUT (a commit) whose connection breaks is never retried blindly: the commit fails and
+# the caller's retry repeats it (the vector merge is an upsert by image_id, so repeating it is safe).
+LANCE_CLIENT_RETRIES = {"client_max_retries": "10", "client_retry_timeout": "180"}
 
 
 def lance_uri(lake: str | os.PathLike) -> str:
@@ -131,10 +138,11 @@ class VectorTable:
     any time and always see the latest committed version (read consistency interval 0).
     """
 
-    def __init__(self, table: lancedb.table.Table, name: str, dim: int):
+    def __init__(self, table: lancedb.table.Table, name: str, dim: int, url: str = ""):
         self.table = table  # the LanceDB table, for reads this class does not wrap (list_indices, ...)
         self.name = name
         self.dim = dim
+        self.url = url or name  # named by AccessDenied (redacted there)
 
     def __repr__(self) -> str:  # never the storage options: they may hold credentials
         return f"VectorTable(name={self.name!r}, dim={self.dim}, rows={self.count()})"
@@ -144,16 +152,10 @@ class VectorTable:
         """Open LAKE/lance/<model>, creating it empty if missing; refuse a table of another dim.
 
         `storage_options` may be fsspec/s3fs-style (as for the rest of the lake) or LanceDB-style.
+        A 403 from the store raises storage.lake.AccessDenied naming the table's URL.
         """
-        db = lancedb.connect(
-            lance_uri(lake),
-            storage_options=lance_storage_options(storage_options, lake) or None,
-            read_consistency_interval=timedelta(0),
-        )
-        try:
-            table = db.open_table(model)
-        except ValueError:  # "Table '<model>' was not found"
-            table = db.create_table(model, schema=vector_table_schema(dim), exist_ok=True)
+        with denied_as(f"{lance_uri(lake)}/{model}"):
+            table = cls._open_or_create(lake, model, dim, storage_options)
         field = table.schema.field(VECTOR_COLUMN) if VECTOR_COLUMN in table.schema.names else None
         if field is None or not pa.types.is_fixed_size_list(field.type):
             raise ValueError(f"{lance_uri(lake)}/{model}: no fixed-size {VECTOR_COLUMN!r} column")
@@ -162,14 +164,30 @@ class VectorTable:
                 f"{lance_uri(lake)}/{model} holds vectors of dim {field.type.list_size}, "
                 f"but dim {dim} was requested"
             )
-        return cls(table, model, dim)
+        return cls(table, model, dim, f"{lance_uri(lake)}/{model}")
+
+    @staticmethod
+    def _open_or_create(lake: str, model: str, dim: int, storage_options: dict | None) -> lancedb.table.Table:
+        options = lance_storage_options(storage_options, lake)
+        db = lancedb.connect(
+            lance_uri(lake),
+            storage_options={**LANCE_CLIENT_RETRIES, **options} if options else None,
+            read_consistency_interval=timedelta(0),
+        )
+        try:
+            return db.open_table(model)
+        except ValueError as e:  # "Table '<model>' was not found" (or a denied listing: not a missing table)
+            if is_access_denied(e):
+                raise
+            return db.create_table(model, schema=vector_table_schema(dim), exist_ok=True)
 
     @property
     def version(self) -> int:
         return self.table.version
 
     def count(self) -> int:
-        return self.table.count_rows()
+        with denied_as(self.url):
+            return self.table.count_rows()
 
     def merge(self, rows: pa.Table) -> int:
         """Upsert rows by image_id and return the table version after the write.
@@ -186,9 +204,10 @@ class VectorTable:
         last = {key: i for i, key in enumerate(ids)}
         if len(last) < len(ids):
             rows = rows.take(sorted(last.values()))
-        result = (
-            self.table.merge_insert(KEY_COLUMN).when_matched_update_all().when_not_matched_insert_all()
-        ).execute(rows)
+        with denied_as(self.url):
+            result = (
+                self.table.merge_insert(KEY_COLUMN).when_matched_update_all().when_not_matched_insert_all()
+            ).execute(rows)
         return result.version
 
     def _conform(self, rows: pa.Table) -> pa.Table:

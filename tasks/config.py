@@ -8,10 +8,18 @@ from typing import Any
 
 from prefect.cache_policies import NO_CACHE
 
-from storage.lake import check_name
+from storage.lake import check_name, is_access_denied
+
+
+def retry_unless_denied(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn (task, task_run, state) -> retry?: access denied is permanent, so
+    retrying it only delays the one-line failure (and hammers the store); anything else may be transient."""
+    return not is_access_denied(state.data if isinstance(state.data, BaseException) else None)
+
 
 # Every task that touches storage declares these: transient object-store errors are retried by Prefect.
-STORAGE_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE}
+STORAGE_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "cache_policy": NO_CACHE,
+                                   "retry_condition_fn": retry_unless_denied}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class RunConfig:
     lake_options: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
     quiet: bool = False
     wait_lock: float = 0.0  # seconds to wait while another run holds the lake's writer lock
+    compile_blocks: bool = False  # torch.compile the tower's blocks in each actor (packed towers, CUDA)
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
