@@ -95,6 +95,10 @@ def add_embed_parser(sub: Any) -> None:
         "--wait-lock", type=float, default=0.0, metavar="SECONDS",
         help="wait up to SECONDS while another run writes LAKE (default 0: refuse, exit 75)",
     )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true", dest="compile_blocks",
+        help="torch.compile the tower's blocks (Qwen/GLM on CUDA: ~7 s warm-up, ~2x throughput)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=cmd_embed)
@@ -125,6 +129,8 @@ def preflight(args: argparse.Namespace, options: dict[str, Any]) -> None:
             raise UsageError(f"{flag} must be positive, got {value}")
     max_pixels = {"max_pixels": args.max_pixels} if args.max_pixels else {}
     for spec in parse_models(args.model, args.weights, args.dtype, max_pixels):
+        if args.compile_blocks and not hasattr(encoders.get_encoder_class(spec.name), "compile_blocks"):
+            raise UsageError(f"--compile is offered for the packed towers (Qwen, GLM), not {spec.name}")
         encoders.load_preprocessor(spec.name, spec.weights, storage_options=options or None, **spec.options)
     try:
         fs, path = source_filesystem(args.source, options)
@@ -158,7 +164,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 batch_tokens=args.batch_tokens, batch_images=args.batch_images,
                 dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
                 ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
-                wait_lock=args.wait_lock,
+                wait_lock=args.wait_lock, compile_blocks=args.compile_blocks,
             )  # fmt: skip
     except LakeLockedError as e:  # not a usage error: the same command succeeds later (EX_TEMPFAIL)
         print(f"towerflow: error: {e}", file=sys.stderr)

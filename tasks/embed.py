@@ -46,6 +46,7 @@ class EmbedActor:
         patches: bool = True,
         patch_dtype: str = "fp16",
         threads: int | None = None,
+        compile_blocks: bool = False,
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -58,6 +59,11 @@ class EmbedActor:
                 f"{name}: weights changed during the run (planned revision {revision}, "
                 f"loaded {self.encoder.revision}); re-run to plan against the new weights"
             )
+        if compile_blocks:
+            compile_fn = getattr(self.encoder, "compile_blocks", None)
+            if compile_fn is None:
+                raise ValueError(f"{name}: --compile is offered for the packed towers (Qwen, GLM) only")
+            compile_fn()
         self.opts = self.encoder.options(patches=patches, patch_dtype=patch_dtype)
         self.batch_tokens = batch_tokens
         self.pid = os.getpid()

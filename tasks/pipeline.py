@@ -155,7 +155,7 @@ def run_pipeline(
                 "name": spec.name, "weights": spec.weights, "revision": infos[spec.name].revision,
                 "dtype": spec.dtype, "options": spec.options, "storage_options": cfg.source_options,
                 "batch_tokens": cfg.batch_tokens, "patches": cfg.patches, "patch_dtype": cfg.patch_dtype,
-                "threads": sizing.threads,
+                "threads": sizing.threads, "compile_blocks": cfg.compile_blocks,
             },
         )  # fmt: skip
     write_infos = {

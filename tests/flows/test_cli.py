@@ -154,3 +154,11 @@ def test_embed_bad_arguments_exit_2_before_any_work(args, message, tiny_corpus, 
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith("towerflow: error: ") and message in lines[0], lines
     assert not (tmp_path / "lake" / "_runs").exists()
+
+
+def test_compile_is_refused_up_front_for_a_tower_without_it(tiny_corpus, checkpoint, tmp_path, capsys):
+    argv = ["embed", str(tiny_corpus), "--out", str(tmp_path / "lake"), "--model", "dinov2",
+            "--weights", str(checkpoint("dinov2")), "--compile"]  # fmt: skip
+    assert main(argv) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert lines == ["towerflow: error: --compile is offered for the packed towers (Qwen, GLM), not dinov2"]

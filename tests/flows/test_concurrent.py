@@ -28,7 +28,8 @@ def _embed(tmp_path: Path, ray_local, source: Path, lake: Path, weights: Path, *
     env.pop("PREFECT_API_URL", None)
     argv = [sys.executable, "-m", "flows.cli", "embed", str(source), "--out", str(lake), "--model", "dinov2",
             "--weights", str(weights), "--actors", "1", "--batch-images", "8", "--quiet", *extra]  # fmt: skip
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipe = subprocess.PIPE
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=pipe, stderr=pipe, text=True)
 
 
 def _when_locked(lake: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -87,7 +88,8 @@ def test_a_waiting_run_on_another_dataset_merges_after_the_first(checkpoint, ray
     make_corpus(tmp_path / "b", N, seed=22)
     first = _embed(tmp_path, ray_local, tmp_path / "a", lake, weights, "--dataset", "a")
     _when_locked(lake, first)
-    second = _embed(tmp_path, ray_local, tmp_path / "b", lake, weights, "--dataset", "b", "--wait-lock", "600")
+    waits = ("--dataset", "b", "--wait-lock", "600")
+    second = _embed(tmp_path, ray_local, tmp_path / "b", lake, weights, *waits)
     assert _finish(first)[0] == 0
     code, err = _finish(second)
     assert code == 0, err

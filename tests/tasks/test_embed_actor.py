@@ -79,3 +79,14 @@ def test_an_image_too_big_even_alone_is_its_own_error_row(rows, checkpoint):
     assert [e is not None for e in errors] == [i == biggest for i in range(len(paths))]
     assert '"stage": "embed"' in errors[biggest] and "OutOfMemoryError" in errors[biggest]
     assert out[emb_col("qwen2_5_vl")].null_count == 1
+
+
+@pytest.mark.slow
+def test_an_actor_with_compiled_blocks_gives_the_same_vectors(rows, checkpoint):
+    table, _ = rows
+    enc = encoders.load("qwen2_5_vl", checkpoint("qwen2_5_vl"))
+    compiled = EmbedActor(name="qwen2_5_vl", weights=str(checkpoint("qwen2_5_vl")), revision=enc.revision,
+                          compile_blocks=True)  # fmt: skip
+    plain = actor(checkpoint, 16384)(table)[emb_col("qwen2_5_vl")].to_numpy(zero_copy_only=False)
+    got = compiled(table)[emb_col("qwen2_5_vl")].to_numpy(zero_copy_only=False)
+    np.testing.assert_allclose(np.stack(got), np.stack(plain), atol=1e-4)
