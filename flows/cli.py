@@ -196,13 +196,15 @@ def _one_line(e: BaseException) -> str:
 
 
 class _NoTracebackWhenDenied(logging.Filter):
-    """Prefect logs a failed run's exception with its traceback; an access denial is explained in one
-    line by main(), so its records keep their message and lose the traceback."""
+    """Prefect logs a failed run's exception with its traceback; an access denial or a busy lake is
+    explained in one line by the CLI, so their records keep their message and lose the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from storage.lake import is_access_denied
+        from storage.lock import LakeLockedError
 
-        if record.exc_info and is_access_denied(record.exc_info[1]):
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (is_access_denied(exc) or isinstance(exc, LakeLockedError)):
             record.exc_info, record.exc_text = None, None
         return True
 

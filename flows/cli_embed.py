@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import secrets
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 LOCKED_EXIT = 75  # EX_TEMPFAIL: another run holds the lake; schedulers may retry later
@@ -20,33 +17,6 @@ LOCKED_EXIT = 75  # EX_TEMPFAIL: another run holds the lake; schedulers may retr
 
 class UsageError(Exception):
     """A bad argument found before work starts (exit 2, one line)."""
-
-
-class _OneLineFailures(logging.Filter):
-    """Prefect logs a failing flow's exception with its traceback. For failures the CLI explains in
-    one line (a busy lake, access denied) the exception's repr is enough; the run's state keeps it."""
-
-    def __init__(self, types: tuple[type[BaseException], ...]):
-        super().__init__()
-        self.types = types
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], self.types):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-@contextmanager
-def one_line_failures(*types: type[BaseException]) -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
-    flt = _OneLineFailures(types)
-    for logger in loggers:
-        logger.addFilter(flt)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(flt)
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -114,7 +84,7 @@ def preflight(args: argparse.Namespace, options: dict[str, Any]) -> None:
     """Fail fast, with one line, on what the user can fix."""
     import encoders
     from flows.embed import parse_models
-    from storage.lake import Lake, check_name
+    from storage.lake import Lake, check_name, denied_as
     from storage.sources import SourceError, source_filesystem
 
     check_name("dataset", args.dataset)
@@ -134,7 +104,9 @@ def preflight(args: argparse.Namespace, options: dict[str, Any]) -> None:
         encoders.load_preprocessor(spec.name, spec.weights, storage_options=options or None, **spec.options)
     try:
         fs, path = source_filesystem(args.source, options)
-        if not any(c in path for c in "*?[") and not fs.exists(path):
+        with denied_as(args.source):
+            missing = not any(c in path for c in "*?[") and not fs.exists(path)
+        if missing:
             raise UsageError(f"SOURCE {args.source} does not exist")
     except SourceError as e:
         raise UsageError(str(e)) from None
@@ -157,15 +129,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from storage.lock import LakeLockedError
 
     try:
-        with one_line_failures(LakeLockedError, PermissionError):
-            summary = embed_corpus(
-                source=args.source, out=args.out, model=args.model, weights=args.weights,
-                dataset=args.dataset, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                batch_tokens=args.batch_tokens, batch_images=args.batch_images,
-                dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
-                ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
-                wait_lock=args.wait_lock, compile_blocks=args.compile_blocks,
-            )  # fmt: skip
+        summary = embed_corpus(
+            source=args.source, out=args.out, model=args.model, weights=args.weights,
+            dataset=args.dataset, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+            batch_tokens=args.batch_tokens, batch_images=args.batch_images,
+            dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
+            ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
+            wait_lock=args.wait_lock, compile_blocks=args.compile_blocks,
+        )  # fmt: skip
     except LakeLockedError as e:  # not a usage error: the same command succeeds later (EX_TEMPFAIL)
         print(f"towerflow: error: {e}", file=sys.stderr)
         return LOCKED_EXIT

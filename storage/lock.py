@@ -146,9 +146,11 @@ class LakeLock:
                 f.write(json.dumps(asdict(owner)).encode())
         except FileExistsError:
             current = self._read()
-            if current is not None:
+            if current is None:
+                return self._create_or_read()  # released between our create and our read: try again
+            if current.token != owner.token:
                 return current
-            return self._create_or_read()  # released between our create and our read: try again
+            # our create went through but its response was lost, and the client's retry hit our own lock
         self.owner = owner
         return None
 

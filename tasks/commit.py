@@ -59,7 +59,7 @@ def commit_shard(session: LakeSession, result: ShardResult) -> CommitStats:
     for kind, n in stats.rows.items():
         session.totals.rows[kind] = session.totals.rows.get(kind, 0) + n
     session.totals.duplicates += stats.duplicates
-    if stats.rows:
+    if stats.rows or stats.resumed:
         session.shards.append(result.staged.shard)
     return stats
 

@@ -28,6 +28,7 @@ from storage.images import (
     decode_image_limited,
     original_size,
 )
+from storage.lake import is_access_denied
 from storage.sources import read_bytes
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ def _read(uri: str, source_options: dict, clock: dict[str, float]) -> tuple[byte
     t0 = time.perf_counter()
     try:
         return read_bytes(uri, source_options), None
-    except Exception as e:  # noqa: BLE001 - any read failure is this input's error row, never the run's
+    except Exception as e:  # noqa: BLE001 - any other read failure is this input's error row
+        if is_access_denied(e):  # the run's credentials, not this file: fail the run fast, in one line
+            raise
         return None, error_json("read", type(e).__name__, str(e))
     finally:
         clock["read"] += time.perf_counter() - t0

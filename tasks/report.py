@@ -9,7 +9,6 @@ from typing import Any
 import pyarrow.compute as pc
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from storage.commit import input_keys
 from storage.lake import Lake
@@ -77,7 +76,7 @@ def save_manifest(session: LakeSession, manifest: RunManifest) -> str:
     return write_manifest(session.lake, manifest)
 
 
-@task(name="report", cache_policy=NO_CACHE)
+@task(name="report", **STORAGE_RETRIES)
 def report(
     cfg: RunConfig, session: LakeSession, manifest: RunManifest, plan: Plan, index: dict[str, dict]
 ) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from _support import run_cli
 from flows.demo import make_corpus
 from flows.embed import embed_corpus
 from storage.lake import AccessDenied, Lake
-from storage.lock import LakeLock, LakeLockedError
+from storage.lock import LakeLock
 from storage.vectors import VectorTable
 
 pytestmark = pytest.mark.slow
@@ -162,9 +162,7 @@ def test_access_denied_is_not_retried(s3, s3_server, checkpoint, tmp_path):
     "denied_prefix",
     [
         pytest.param("lake/", id="lake"),
-        pytest.param("", id="everything", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-            "flows/cli_embed.py preflight calls fs.exists(SOURCE) bare: s3fs's PermissionError says only "
-            "'Forbidden'; wrapping it in storage.lake.denied_as(SOURCE) names the URL"))),
+        pytest.param("", id="everything"),
     ],
 )  # fmt: skip
 def test_cli_access_denied_up_front_is_one_line(s3, s3_server, checkpoint, tmp_path, capsys, denied_prefix):
@@ -212,12 +210,6 @@ def test_cli_access_denied_mid_run_is_one_line(s3, s3_server, checkpoint, tmp_pa
     assert 1 <= denied <= MAX_DENIED and ended - first < 30
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LakeLockedError,
-    reason="storage/lock.py: an exclusive create that succeeded but whose response was lost is retried, "
-    "refused (412), and the run then takes its own fresh lock for another run's",
-)
 def test_lock_whose_create_response_was_lost_is_still_ours(s3, s3_server):
     bucket, _ = s3
     with FaultProxy(s3_server, rate=0.0).running() as proxy:
@@ -225,3 +217,23 @@ def test_lock_whose_create_response_was_lost_is_still_ours(s3, s3_server):
         lock = LakeLock(Lake(f"s3://{bucket}/lake", {"endpoint_url": proxy.url}), "run-a").acquire(0)
         lock.release()
     assert proxy.counts()["reset_after"] == 1
+
+
+def test_a_source_object_denied_to_the_decode_task_fails_the_task_not_one_row(s3, s3_server, tmp_path):
+    """403 on reading an image is about the run's credentials, not that file: the decode task raises
+    (the run then fails in one line) instead of writing a read-error row for every image."""
+    import pyarrow as pa
+
+    from storage.lake import is_access_denied
+    from tasks.decode import INPUT_SCHEMA, decode_batch
+
+    bucket, direct = s3
+    names = upload_corpus(bucket, direct, tmp_path / "images", n=2)
+    with FaultProxy(s3_server, rate=0.0).running() as proxy:
+        proxy.deny(bucket, "photos/", methods=("GET",))
+        rows = [{"uri": f"s3://{bucket}/photos/{n}", "size_bytes": 1, "source_version": "v", "models": []}
+                for n in names]  # fmt: skip
+        with pytest.raises(Exception) as err:
+            decode_batch(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), models=[],
+                         source_options={"endpoint_url": proxy.url})  # fmt: skip
+    assert is_access_denied(err.value) and f"s3://{bucket}/photos/" in str(err.value)
