@@ -152,7 +152,7 @@ class MemorySampler:
     it is the memory the workers really hold together. Both are reported.
     """
 
-    interval: float = 0.2
+    interval: float = 2.0  # reading every worker's smaps cost 23% of a core at 0.2 s, 8% at 1 s (measured)
     driver_peak: int = 0
     workers_peak_total: int = 0
     workers_pss_peak_total: int = 0

@@ -11,10 +11,8 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
 import pickle
-import threading
 import time
 from typing import Any
 
@@ -31,8 +29,7 @@ from storage.images import (
 from storage.lake import is_access_denied
 from storage.sources import read_bytes
 
-log = logging.getLogger(__name__)
-DECODE_NICE = 10  # niceness of decode threads (see _lower_priority)
+DECODE_NICE = 5  # niceness of decode threads above their worker's (see _lower_priority)
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -95,14 +92,12 @@ def _decode(data: bytes, uri: str, config: DecodeConfig, clock: dict[str, float]
 
 def _lower_priority() -> None:
     """Decode threads yield the CPU to the embedding actors on the node: the tower is what must never
-    wait. Only this thread (and the decode threads it starts) is affected, never the worker's main
-    thread, which Ray may later reuse for an actor. TOWERFLOW_DECODE_NICE tunes it (0: off)."""
-    nice = int(os.environ.get("TOWERFLOW_DECODE_NICE", DECODE_NICE))
-    if nice and hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError as e:  # e.g. a sandbox forbidding it: decode still works at normal priority
-            log.warning("could not lower the decode thread's priority: %s", e)
+    wait. os.nice raises this thread's niceness relative to the worker's (Linux: per thread; the
+    decode threads it starts inherit it), never the worker's main thread, which Ray may later reuse
+    for an actor. TOWERFLOW_DECODE_NICE tunes the increment (0: off)."""
+    increment = int(os.environ.get("TOWERFLOW_DECODE_NICE", DECODE_NICE))
+    if increment and hasattr(os, "nice"):
+        os.nice(increment)  # raising one's own niceness needs no privilege
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None

@@ -7,6 +7,7 @@ are written and commits them one by one, so a long run commits continuously.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -84,6 +85,8 @@ def ensure_ray(address: str | None, quiet: bool = False) -> None:
         if address:
             ray.init(address=address, log_to_driver=not quiet)
             return
+        # Ray's default worker niceness (15) would rank the embedding actors below this driver
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=not quiet)
 
 
