@@ -87,6 +87,7 @@ class LakeLock:
     def acquire(self, wait_s: float = 0.0, poll_s: float = 2.0) -> LakeLock:
         """Take the lock, waiting up to WAIT_S for the current owner; LakeLockedError when it stays held."""
         deadline = time.monotonic() + wait_s
+        waited_on = None
         while True:
             current = self._create_or_read()
             if current is None:
@@ -101,6 +102,10 @@ class LakeLock:
                 raise LakeLockedError(
                     f"lake {self.lake.url} is being written by {current.describe()}; {hint}"
                 )
+            if current.token != waited_on:
+                waited_on = current.token
+                log.warning("lake %s is being written by %s; waiting up to %.0f s", self.lake.url,
+                            current.describe(), wait_s)
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
         self._thread = threading.Thread(target=self._beat, name="lake-lock-heartbeat", daemon=True)
         self._thread.start()

@@ -125,7 +125,9 @@ def ascii_orientation_exif() -> bytes:
 def zip_bytes() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("photo.jpg", encode(smooth_image(8, 8), "JPEG"))
+        # a fixed timestamp: writestr(name) stamps the current time and the corpus must be deterministic
+        info = zipfile.ZipInfo("photo.jpg", date_time=(2026, 1, 1, 0, 0, 0))
+        z.writestr(info, encode(smooth_image(8, 8), "JPEG"))
     return buf.getvalue()
 
 

@@ -84,7 +84,7 @@ def test_nightly_deployment_runs_once_at_a_time(server, spawn, corpus, checkpoin
     assert dep["global_concurrency_limit"]["limit"] == 1
     assert dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert dep["enforce_parameter_schema"] is True
-    assert set(dep["parameters"]) == {"source", "out", "model", "weights", "dataset"}
+    assert set(dep["parameters"]) == {"source", "out", "model", "weights", "dataset", "wait_lock"}
     # the pull step sends every run to the checkout `prefect deploy` ran in
     assert dep["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Two `towerflow embed` runs into one lake at once: the second refuses (exit 75) or waits its turn."""
+"""Two writers on one lake: the second `towerflow embed` refuses (exit 75) or waits its turn."""
 
 from __future__ import annotations
 
@@ -63,19 +63,34 @@ def _lance_ids(lake: Path) -> list[str]:
     return table.to_arrow().column("image_id").to_pylist()
 
 
+def _hold_lock(lake: Path, until: Path) -> subprocess.Popen:
+    """Another process holding the lake's writer lock, exactly as a run does, until UNTIL exists (a
+    real run finishes on its own schedule, which would make 'the second run arrives while the first
+    is busy' a race)."""
+    code = ("import sys, time, pathlib\nfrom storage.lake import Lake\nfrom storage.lock import LakeLock\n"
+            "lock = LakeLock(Lake(sys.argv[1]), 'busy-run').acquire()\nprint('locked', flush=True)\n"
+            "while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.05)\nlock.release()\n")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lake), str(until)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_a_second_run_on_a_busy_lake_refuses_with_one_line_and_loses_nothing(checkpoint, ray_local, tmp_path):
-    source, lake = tmp_path / "images", tmp_path / "lake"
+    source, lake, done = tmp_path / "images", tmp_path / "lake", tmp_path / "done"
     make_corpus(source, N, seed=11)
     weights = checkpoint("dinov2")
-    first = _embed(tmp_path, ray_local, source, lake, weights)
-    _when_locked(lake, first)
+    holder = _hold_lock(lake, done)
     second = _embed(tmp_path, ray_local, source, lake, weights)
     code, err = _finish(second, timeout=120)
+    done.touch()
+    assert holder.wait(timeout=30) == 0
     assert code == LOCKED_EXIT, err
     lines = [ln for ln in err.splitlines() if ln.startswith("towerflow: error:")]
-    assert len(lines) == 1 and "is being written by run" in lines[0] and "--wait-lock" in lines[0], err
+    assert len(lines) == 1 and "being written by run busy-run" in lines[0] and "--wait-lock" in lines[0], err
     assert "Traceback" not in err
-    assert _finish(first)[0] == 0
+    assert not (lake / "embeddings").exists()  # it refused before doing anything
+    assert _finish(_embed(tmp_path, ray_local, source, lake, weights))[0] == 0  # the lock is free again
     assert _parquet_counts(lake) == {"default": (N, N)}
     ids = _lance_ids(lake)
     assert len(ids) == len(set(ids)) == N
