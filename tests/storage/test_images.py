@@ -187,20 +187,6 @@ def test_header_of_allowed_format_unreadable_is_corrupt():
     assert reason_of(data[:12]).reason == "corrupt"
 
 
-@pytest.fixture
-def load_spy(monkeypatch):
-    """Records every pixel load, to prove that bombs are rejected from the header alone."""
-    loaded = []
-    real_load = ImageFile.ImageFile.load
-
-    def spy(self):
-        loaded.append(self.size)
-        return real_load(self)
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
-    return loaded
-
-
 @pytest.mark.parametrize(
     ("size", "max_pixels"),
     [
