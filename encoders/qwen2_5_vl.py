@@ -71,15 +71,19 @@ class Qwen25VLEncoder(PackedTowerEncoder):
             "image_std": CLIP_STD,
         }
 
-    def seq_kwargs(self, grid_thw: torch.Tensor) -> dict[str, Any]:
-        """Adds the window partition (window_index, cu_window_seqlens), also built on the host."""
+    def _windows(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(window_index, cu_window_seqlens) of the packed batch, as transformers computes them."""
         cfg = self.config
-        window_index, cu_window_seqlens = get_vision_window_index(
+        return get_vision_window_index(
             grid_thw,
             spatial_merge_size=cfg.spatial_merge_size,
             window_size=cfg.window_size,
             patch_size=cfg.patch_size,
         )
+
+    def seq_kwargs(self, grid_thw: torch.Tensor) -> dict[str, Any]:
+        """Adds the window partition (window_index, cu_window_seqlens), also built on the host."""
+        window_index, cu_window_seqlens = self._windows(grid_thw)
         return {
             **super().seq_kwargs(grid_thw),
             "window_index": window_index,
@@ -90,12 +94,7 @@ class Qwen25VLEncoder(PackedTowerEncoder):
     def pre_merger_states(self, out: Any, grid_thw: torch.Tensor) -> torch.Tensor:
         """last_hidden_state comes back in window order; undo it per merge unit."""
         cfg = self.config
-        window_index, _ = get_vision_window_index(
-            grid_thw,
-            spatial_merge_size=cfg.spatial_merge_size,
-            window_size=cfg.window_size,
-            patch_size=cfg.patch_size,
-        )
+        window_index, _ = self._windows(grid_thw)
         unit = cfg.spatial_merge_size**2
         states = out.last_hidden_state
         reverse = torch.argsort(window_index.to(states.device))
