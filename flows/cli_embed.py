@@ -69,6 +69,10 @@ def add_embed_parser(sub: Any) -> None:
         "--compile", action="store_true", dest="compile_blocks",
         help="torch.compile the tower's blocks (Qwen/GLM on CUDA: ~7 s warm-up, ~2x throughput)",
     )  # fmt: skip
+    p.add_argument(
+        "--buffer-mb", type=int, metavar="MB",
+        help="object-store memory for images in flight (default: 1024 per GPU actor, 256 per CPU actor)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=cmd_embed)
@@ -94,6 +98,7 @@ def preflight(args: argparse.Namespace, options: dict[str, Any]) -> None:
         ("--batch-images", args.batch_images),
         ("--limit", args.limit),
         ("--wait-lock", args.wait_lock),
+        ("--buffer-mb", args.buffer_mb),
     ):
         if value is not None and value < (0 if flag in ("--limit", "--wait-lock") else 1):
             raise UsageError(f"{flag} must be positive, got {value}")
@@ -135,7 +140,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             batch_tokens=args.batch_tokens, batch_images=args.batch_images,
             dtype=args.dtype, patches=args.patches, max_pixels=args.max_pixels, limit=args.limit,
             ray_address=args.ray_address, quiet=args.quiet, source_options=options, lake_options=options,
-            wait_lock=args.wait_lock, compile_blocks=args.compile_blocks,
+            wait_lock=args.wait_lock, compile_blocks=args.compile_blocks, buffer_mb=args.buffer_mb,
         )  # fmt: skip
     except LakeLockedError as e:  # not a usage error: the same command succeeds later (EX_TEMPFAIL)
         print(f"towerflow: error: {e}", file=sys.stderr)

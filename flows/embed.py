@@ -79,6 +79,7 @@ def embed_corpus(
     lake_options: dict[str, Any] | None = None,
     wait_lock: float = 0.0,
     compile_blocks: bool = False,
+    buffer_mb: int | None = None,
 ) -> dict[str, Any]:
     """Embed every new or changed image of SOURCE into the lake OUT; returns the run summary.
 
@@ -87,6 +88,8 @@ def embed_corpus(
     wait_lock: seconds to wait while another run writes the lake (0: refuse at once).
     compile_blocks: torch.compile the packed towers' blocks in each actor (CUDA; ~7 s warm-up per
     actor, about 2x the Qwen2.5-VL-7B tower's throughput on an H100).
+    buffer_mb: object-store memory for decoded inputs waiting for the actors and results waiting for
+    the writer (default: 1024 MB per GPU actor, 256 MB per CPU actor); bounds memory at any corpus size.
     """
     options = {"max_pixels": max_pixels} if max_pixels else {}
     specs = parse_models(model, weights, dtype, options)
@@ -95,7 +98,7 @@ def embed_corpus(
         batch_tokens=batch_tokens, batch_images=batch_images, patches=patches, limit=limit,
         ray_address=default_ray_address(ray_address),
         quiet=quiet, source_options=dict(source_options or {}), lake_options=dict(lake_options or {}),
-        wait_lock=wait_lock, compile_blocks=compile_blocks,
+        wait_lock=wait_lock, compile_blocks=compile_blocks, buffer_mb=buffer_mb,
     )  # fmt: skip
     return run_embed(cfg)
 

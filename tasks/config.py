@@ -51,6 +51,7 @@ class RunConfig:
     quiet: bool = False
     wait_lock: float = 0.0  # seconds to wait while another run holds the lake's writer lock
     compile_blocks: bool = False  # torch.compile the tower's blocks in each actor (packed towers, CUDA)
+    buffer_mb: int | None = None  # object store for the run's blocks in flight; None: by actor count
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -67,6 +68,8 @@ class RunConfig:
             raise ValueError(f"--gpus-per-actor must be in [0, 8], got {self.gpus_per_actor}")
         if self.wait_lock < 0:
             raise ValueError(f"--wait-lock must be >= 0 seconds, got {self.wait_lock}")
+        if self.buffer_mb is not None and self.buffer_mb < 1:
+            raise ValueError(f"--buffer-mb must be >= 1, got {self.buffer_mb}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be >= 0, got {self.limit}")
 

@@ -26,6 +26,7 @@ from tasks.write import write_batch
 
 LOOPBACK = "127.0.0.1"
 BLOCK_ROWS = 64  # inputs per Ray Data block (see run_pipeline)
+BUFFER_MB_PER_ACTOR = {"gpu": 1024, "cpu": 256}  # default object-store budget of a run (see buffer_bytes)
 
 
 @dataclass
@@ -117,6 +118,18 @@ def actor_sizing(cfg: RunConfig, n_models: int) -> Sizing:
     return Sizing(actors, gpus_per_actor, min(cpus_per_actor, cpus), threads)
 
 
+def buffer_bytes(cfg: RunConfig, sizing: Sizing) -> int:
+    """The run's object-store budget. Ray Data only backpressures decode once an operator nears its
+    share of the budget, and the default budget is a fraction of the whole object store: decode ran
+    ahead of the actors through the entire corpus, so memory grew with N (and the decoded backlog
+    kept the writer from a CPU slot). A budget sized to the consumers keeps a few seconds of decoded
+    input per actor at any corpus size."""
+    if cfg.buffer_mb is not None:
+        return cfg.buffer_mb * 2**20
+    per_actor = BUFFER_MB_PER_ACTOR["gpu" if sizing.gpus_per_actor else "cpu"]
+    return sizing.actors * len(cfg.models) * per_actor * 2**20
+
+
 def run_pipeline(
     cfg: RunConfig, run_id: str, items: list[WorkItem], infos: dict[str, ModelInfo]
 ) -> Iterator[ShardResult]:
@@ -124,12 +137,18 @@ def run_pipeline(
         return
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the flow shows one bar: images committed, images/s, errors
+    # Ray Data's per-task USS poll reads each worker's whole smaps every second: 1-2% of a core on a
+    # large actor, for a statistic the run does not use.
+    ctx.memory_usage_poll_interval_s = None
     rows = [
         {"uri": i.uri, "size_bytes": i.size, "source_version": i.version, "models": list(i.models)}
         for i in items
     ]
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
     sizing = actor_sizing(cfg, len(cfg.models))
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=buffer_bytes(cfg, sizing)
+    )
     # Blocks of at most BLOCK_ROWS inputs: a decoded block holds its rows' pixels until the actors take
     # them, so a block count fixed per run made memory grow with N (+35% PSS from 1k to 4k images).
     # At least two blocks per actor so that every actor starts at once.
@@ -169,7 +188,9 @@ def run_pipeline(
         for name, i in infos.items()
     }  # fmt: skip
     ds = ds.map_batches(
-        write_batch, batch_format="pyarrow", batch_size=cfg.batch_images, num_cpus=0.5,
+        # no CPU slot: a shard write is light I/O, and one that waits for a slot behind decode tasks
+        # delays every commit (at 4000 images the first commit came after 322 s of a 442 s run)
+        write_batch, batch_format="pyarrow", batch_size=cfg.batch_images, num_cpus=0,
         fn_kwargs={"lake": cfg.lake, "lake_options": cfg.lake_options, "run_id": run_id,
                    "dataset": cfg.dataset, "infos": write_infos, "patches": cfg.patches,
                    "patch_dtype": cfg.patch_dtype},
