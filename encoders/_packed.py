@@ -6,6 +6,7 @@ batch equals the per-image forwards; batches are bounded by a token budget, not 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -14,7 +15,8 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 
 from encoders._attention import default_packed_attention
 from encoders._base import EmbedOptions, Prepared, TowerOutput
-from encoders._tower import TowerEncoder, prepared_from, processor_inputs
+from encoders._pixels import PixelTable, model_pixels
+from encoders._tower import TowerEncoder, prepared_from
 
 
 class PackedInputs(NamedTuple):
@@ -71,8 +73,13 @@ class PackedTowerEncoder(TowerEncoder):
         for block in self.model.blocks:
             block.compile(**{"dynamic": True, **options})
 
+    @functools.cached_property
+    def pixel_table(self) -> PixelTable:
+        return PixelTable(self.processor)
+
     def preprocess_image(self, image: Any) -> Prepared:
-        out = processor_inputs(self.processor, image)
+        """uint8 patches (seq, C*T*P*P); collate normalises them on the device (see encoders._pixels)."""
+        out = model_pixels(self.processor, image)
         t, h, w = (int(v) for v in out["image_grid_thw"][0])
         return prepared_from(out["pixel_values"], image, (t, h, w), t * h * w)
 
@@ -101,8 +108,10 @@ class PackedTowerEncoder(TowerEncoder):
 
     def collate(self, batch: list[Prepared]) -> PackedInputs:
         """One packed input on the device: pixel_values (seq, C*T*P*P), grid_thw (n, 3), seq_kwargs."""
-        pixels = torch.from_numpy(np.concatenate([p.pixel_values for p in batch]))
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        arrays = [p.pixel_values for p in batch]
+        cols = arrays[0].shape[1]  # channel-major: C blocks of T*P*P values
+        channel = (np.arange(cols) // (cols // self.pixel_table.channels)).reshape(1, -1)
+        pixels = self.pixel_table.join(arrays, np.concatenate, channel, self.device, self.dtype)
         grid_thw = torch.tensor([p.grid_thw for p in batch], dtype=torch.long)
         seq_kwargs = {
             k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v

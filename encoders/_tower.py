@@ -251,9 +251,9 @@ def _write_vision_checkpoint(directory: Path, name: str, model: torch.nn.Module,
     (directory / TOWERFLOW_FILE).write_text(json.dumps({"encoder": name, "layout": "vision"}) + "\n")
 
 
-def processor_inputs(processor: Any, image: Any) -> dict[str, np.ndarray]:
+def processor_inputs(processor: Any, image: Any, **overrides: Any) -> dict[str, np.ndarray]:
     """The model's own image processor on one RGB image, as numpy."""
-    out = processor(images=[image], return_tensors="np")
+    out = processor(images=[image], return_tensors="np", **overrides)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -262,7 +262,9 @@ def prepared_from(
 ) -> Prepared:
     width, height = original_size(image)
     return Prepared(
-        pixel_values=np.ascontiguousarray(pixel_values, dtype=np.float32),
+        pixel_values=np.ascontiguousarray(
+            pixel_values, dtype=np.uint8 if pixel_values.dtype == np.uint8 else np.float32
+        ),
         grid_thw=grid_thw,
         width=width,
         height=height,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -9,8 +10,9 @@ import torch
 from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
 
 from encoders._base import EmbedOptions, Prepared, TowerOutput
+from encoders._pixels import PixelTable, model_pixels
 from encoders._registry import register_encoder
-from encoders._tower import TowerEncoder, prepared_from, processor_inputs
+from encoders._tower import TowerEncoder, prepared_from
 from storage.images import DecodeConfig
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -85,7 +87,8 @@ class Dinov2Encoder(TowerEncoder):
         return {**super().processor_config(), "decode_draft_short_side": draft}
 
     def preprocess_image(self, image: Any) -> Prepared:
-        pixels = processor_inputs(self.processor, image)["pixel_values"][0]
+        """uint8 after resize and crop; collate normalises on the device (see encoders._pixels)."""
+        pixels = model_pixels(self.processor, image)["pixel_values"][0]
         _, h, w = pixels.shape
         return prepared_from(pixels, image, None, 1 + (h // self.patch_size) * (w // self.patch_size))
 
@@ -103,9 +106,14 @@ class Dinov2Encoder(TowerEncoder):
             h, w = (short, int(width * scale)) if height <= width else (int(height * scale), short)
         return (h // self.patch_size) * (w // self.patch_size)
 
+    @functools.cached_property
+    def pixel_table(self) -> PixelTable:
+        return PixelTable(self.processor)
+
     def collate(self, batch: list[Prepared]) -> torch.Tensor:
-        pixels = torch.from_numpy(np.stack([p.pixel_values for p in batch]))
-        return pixels.to(self.device, self.dtype, non_blocking=True)
+        arrays = [p.pixel_values for p in batch]
+        channel = np.arange(arrays[0].shape[0]).reshape(-1, 1, 1)
+        return self.pixel_table.join(arrays, np.stack, channel, self.device, self.dtype)
 
     def run_collated(self, inputs: torch.Tensor) -> Any:
         with torch.inference_mode():

@@ -14,6 +14,12 @@ import encoders
 SIZES = [(31, 400), (120, 200), (300, 90), (64, 64), (719, 1283), (2000, 1500)]
 
 
+def model_input(enc, prepared) -> np.ndarray:
+    """What the tower is fed: prepared pixels are uint8, normalised in collate (encoders._pixels)."""
+    collated = enc.collate([prepared])
+    return (collated[0] if enc.name == "dinov2" else collated.pixel_values).numpy()
+
+
 @pytest.mark.parametrize("name", TOWERS)
 def test_prepared_equals_the_checkpoints_own_processor(name, checkpoint):
     directory = checkpoint(name)
@@ -23,10 +29,11 @@ def test_prepared_equals_the_checkpoints_own_processor(name, checkpoint):
         image = smooth_image(h, w, i)
         prepared = enc.preprocess(image)
         ref = processor(images=[image], return_tensors="np")
+        assert prepared.pixel_values.dtype == np.uint8  # 4x fewer bytes from decode to the device
         if name == "dinov2":
-            np.testing.assert_array_equal(prepared.pixel_values, ref["pixel_values"][0])
+            np.testing.assert_array_equal(model_input(enc, prepared), ref["pixel_values"][0])
         else:
-            np.testing.assert_array_equal(prepared.pixel_values, ref["pixel_values"])
+            np.testing.assert_array_equal(model_input(enc, prepared), ref["pixel_values"])
             assert prepared.grid_thw == tuple(ref["image_grid_thw"][0].tolist())
 
 
@@ -90,9 +97,9 @@ def test_released_preprocessor_config_and_defaults_agree(name, checkpoint, tmp_p
     a, b = encoders.load(name, weights=with_file), encoders.load(name, weights=without)
     ref = AutoImageProcessor.from_pretrained(str(with_file), backend="pil")
     image = smooth_image(300, 520, 9)
-    np.testing.assert_array_equal(a.preprocess(image).pixel_values, b.preprocess(image).pixel_values)
+    np.testing.assert_array_equal(model_input(a, a.preprocess(image)), model_input(b, b.preprocess(image)))
     np.testing.assert_array_equal(
-        a.preprocess(image).pixel_values.reshape(-1),
+        model_input(a, a.preprocess(image)).reshape(-1),
         np.asarray(ref(images=[image], return_tensors="np")["pixel_values"]).reshape(-1),
     )
     assert a.preprocess_hash == b.preprocess_hash

@@ -137,6 +137,7 @@ def tiny_corpus(tmp_path):
         (["--out", "FILE/lake"], "is not writable"),
         (["--dataset", "../escape"], "dataset '../escape' is not allowed"),
         (["--batch-tokens", "0"], "--batch-tokens must be positive"),
+        (["--buffer-mb", "0"], "--buffer-mb must be positive"),
         (["--model", "qwen2_5_vl,dinov2"], "2 models but 3 weights"),
     ],
 )
