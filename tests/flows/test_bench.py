@@ -33,5 +33,8 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     assert all(v > 0 for v in run["ms_per_image"].values())
     assert run["driver_rss_mb"] > 100 and run["worker_rss_max_mb"] > 100
     assert ratios["e2e_vs_ceiling"] > 0 and ratios["e2e_vs_naive"] > 0
+    # the run's ceiling is the higher of the bare forwards measured just before and just after it
+    assert run["ceiling_images_per_s"] >= base["ceiling_images_per_s"]
+    assert ratios["e2e_vs_ceiling"] == run["steady_images_per_s"] / run["ceiling_images_per_s"]
     table = (tmp_path / "bench.md").read_text()
     assert "x** the ceiling" in table and "GFLOP/image" in table and table in capsys.readouterr().out
