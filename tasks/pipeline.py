@@ -122,8 +122,8 @@ def buffer_bytes(cfg: RunConfig, sizing: Sizing) -> int:
     """The run's object-store budget. Ray Data only backpressures decode once an operator nears its
     share of the budget, and the default budget is a fraction of the whole object store: decode ran
     ahead of the actors through the entire corpus, so memory grew with N (and the decoded backlog
-    kept the writer from a CPU slot). A budget sized to the consumers keeps a few seconds of decoded
-    input per actor at any corpus size."""
+    kept the writer from a CPU slot). A budget per actor bounds what is in flight by the consumers,
+    not by the corpus."""
     if cfg.buffer_mb is not None:
         return cfg.buffer_mb * 2**20
     per_actor = BUFFER_MB_PER_ACTOR["gpu" if sizing.gpus_per_actor else "cpu"]
@@ -137,8 +137,8 @@ def run_pipeline(
         return
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the flow shows one bar: images committed, images/s, errors
-    # Ray Data's per-task USS poll reads each worker's whole smaps every second: 1-2% of a core on a
-    # large actor, for a statistic the run does not use.
+    # Ray Data's per-task USS poll reads the task's process smaps every second (a kernel walk of every
+    # mapping of a 1-2 GB actor), for a statistic the run does not use.
     ctx.memory_usage_poll_interval_s = None
     rows = [
         {"uri": i.uri, "size_bytes": i.size, "source_version": i.version, "models": list(i.models)}
