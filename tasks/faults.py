@@ -43,7 +43,7 @@ def _stall() -> None:
     time.sleep(STALL_SECONDS)
 
 
-STALL_SECONDS = 120.0  # `stall`: long enough that a test's interrupt surely lands while it waits
+STALL_SECONDS = 30.0  # `stall`: a test's interrupt lands while it waits; shutdown may wait it out
 
 ACTIONS: dict[str, Callable[[], None]] = {"exit": _exit, "killpg": _killpg, "stall": _stall}
 

@@ -35,6 +35,7 @@ def test_sigint_mid_run_then_rerun_is_exactly_once(checkpoint, tmp_path):
         [sys.executable, "-m", "flows.embed", str(source), "--out", str(lake), "--weights", str(weights),
          "--actors", "1", "--batch-images", "8", "--quiet"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group: a timeout ends the Ray it started too
     )  # fmt: skip
     deadline = time.monotonic() + 240
     shards = lake / "embeddings" / "model=qwen2_5_vl" / "dataset=default"
@@ -45,8 +46,8 @@ def test_sigint_mid_run_then_rerun_is_exactly_once(checkpoint, tmp_path):
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
+        os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes hold the pipe open: end them all
+        out, _ = proc.communicate(timeout=30)
         pytest.fail(f"embed did not stop within 120 s of SIGINT:\n{out[-3000:]}")
     assert proc.returncode != 0
     assert fired(tmp_path, Fault("embed", 15, "stall")) is not None  # interrupted while the actor stalled
