@@ -3,7 +3,8 @@
 `TOWERFLOW_FAULT="POINT@N[:ACTION]"` (several: comma-separated) fires the N-th time this process
 reaches POINT. ACTION `exit` (the default) is `os._exit(1)`, a crashed worker; `killpg` SIGKILLs this
 process's whole process group, as `kill -9 -PGID` or the OOM killer ends a driver and the local Ray
-it started. A fault fires once per run, not once per process: the process that fires first creates an
+it started; `stall` sleeps STALL_SECONDS, a run that is surely still going when a test interrupts
+it. A fault fires once per run, not once per process: the process that fires first creates an
 O_EXCL marker file (holding its pid) in the directory `TOWERFLOW_FAULT_DIR`, so an actor that Ray
 restarts does not die again. Unset, `maybe_fault` costs one environment lookup.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,13 @@ def _killpg() -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-ACTIONS: dict[str, Callable[[], None]] = {"exit": _exit, "killpg": _killpg}
+def _stall() -> None:
+    time.sleep(STALL_SECONDS)
+
+
+STALL_SECONDS = 30.0  # `stall`: a test's interrupt lands while it waits; shutdown may wait it out
+
+ACTIONS: dict[str, Callable[[], None]] = {"exit": _exit, "killpg": _killpg, "stall": _stall}
 
 
 @dataclass(frozen=True)

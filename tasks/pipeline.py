@@ -195,7 +195,15 @@ def run_pipeline(
                    "dataset": cfg.dataset, "infos": write_infos, "patches": cfg.patches,
                    "patch_dtype": cfg.patch_dtype},
     )  # fmt: skip
-    for row in ds.iter_rows():
+    # one block per write task output, handed over as soon as it exists: iter_rows' read-ahead of one
+    # block held each shard back until the next was written (120 images = 2 blocks: every commit came
+    # at the end of the run)
+    rows_out = (
+        row
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+        for row in batch.to_pylist()
+    )
+    for row in rows_out:
         yield ShardResult(
             staged=StagedShard(run_id, row["shard"], json.loads(row["files"])),
             inputs=row["inputs"],
