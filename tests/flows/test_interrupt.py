@@ -25,12 +25,17 @@ def test_sigint_mid_run_then_rerun_is_exactly_once(checkpoint, tmp_path):
     source, lake = tmp_path / "images", tmp_path / "lake"
     make_corpus(source, 160, seed=5)
     weights = checkpoint("qwen2_5_vl")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-sub"), "PYTHONUNBUFFERED": "1",
-           # the actor stalls on its 15th of 20 batches, and the signal waits for that stall and a
-           # committed shard: a tiny tower on 160 small images otherwise ends within a second or two of
-           # its first commit (an interrupt could land after the work was done), and a first shard can
-           # be committed before the actor reaches the stall (a CI run saw that race)
-           "TOWERFLOW_FAULT": "embed@15:stall", "TOWERFLOW_FAULT_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-sub"),
+        "PYTHONUNBUFFERED": "1",
+        # the actor stalls on its 15th of 20 batches, and the signal waits for that stall and a
+        # committed shard: a tiny tower on 160 small images otherwise ends within a second or two of
+        # its first commit (an interrupt could land after the work was done), and a first shard can
+        # be committed before the actor reaches the stall (a CI run saw that race)
+        "TOWERFLOW_FAULT": "embed@15:stall",
+        "TOWERFLOW_FAULT_DIR": str(tmp_path),
+    }
     env.pop("PREFECT_API_URL", None)  # the child starts its own temporary API, as a user's shell would
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.embed", str(source), "--out", str(lake), "--weights", str(weights),
