@@ -227,7 +227,10 @@ def _quiet_prefect(args: argparse.Namespace) -> None:
     and the demo, only warnings from Prefect's loggers."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if args.command == "demo" or getattr(args, "quiet", False):
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        level = os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING").upper()
+        if "prefect" in sys.modules:  # `python -m flows.embed` imported it first: its loggers are set up
+            for name in ("prefect", "prefect.extra", "prefect.client", "prefect.infrastructure"):
+                logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
