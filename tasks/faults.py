@@ -39,11 +39,12 @@ def _killpg() -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+STALL_SECONDS = 30.0  # `stall`: a test's interrupt lands while it waits; shutdown may wait it out
+
+
 def _stall() -> None:
     time.sleep(STALL_SECONDS)
 
-
-STALL_SECONDS = 30.0  # `stall`: a test's interrupt lands while it waits; shutdown may wait it out
 
 ACTIONS: dict[str, Callable[[], None]] = {"exit": _exit, "killpg": _killpg, "stall": _stall}
 
