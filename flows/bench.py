@@ -40,7 +40,7 @@ class BenchConfig:
     device: str | None = None
     dtype: str | None = None
     actors: int | None = None
-    batch_tokens: int = 16384
+    batch_tokens: int | None = None  # None: the device's default, for the ceiling and the pipeline alike
     batch_images: int = 32
     max_pixels: int | None = None
     out: str = "bench-out"
@@ -69,7 +69,8 @@ def ceiling_and_naive(cfg: BenchConfig, weights: Path, paths: list[Path]) -> dic
         "device": str(enc.device), "dtype": str(enc.dtype).removeprefix("torch."),
         "ceiling_images_per_s": ceiling.images_per_s, "ceiling_tokens_per_s": ceiling.tokens_per_s,
         "naive_images_per_s": naive, "gflops_per_image": ceiling.flops_per_image / 1e9,
-        "peak_tflops": peak / 1e12 if peak else None,
+        "peak_tflops": peak / 1e12 if peak else None, "batch_tokens": ceiling.batch_tokens,
+        "forwards": ceiling.batches,
     }  # fmt: skip
 
 
@@ -145,7 +146,7 @@ def render(cfg: BenchConfig, base: dict[str, Any], runs: list[dict[str, Any]], r
         "| figure | value |",
         "|---|---|",
         f"| ceiling (bare forward) | {base['ceiling_images_per_s']:.1f} images/s, "
-        f"{base['ceiling_tokens_per_s']:.0f} tokens/s |",
+        f"{base['ceiling_tokens_per_s']:.0f} tokens/s; forwards of <= {base['batch_tokens']} tokens |",
         f"| towerflow end to end, steady state | {main['steady_images_per_s'] or 0:.1f} images/s "
         f"(**{r['e2e_vs_ceiling']:.2f}x** the ceiling; {main['ceiling_images_per_s']:.1f} = the higher "
         "of the ceilings measured just before and just after it) |",

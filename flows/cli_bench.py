@@ -32,7 +32,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--actors", type=int, help="embedding actors (default: one per GPU, else half the CPUs)")
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--batch-tokens", type=int, help="default: 16384 on GPU, 2048 on CPU")
     p.add_argument("--batch-images", type=int, default=32)
     p.add_argument(
         "--max-pixels", type=int, help="Qwen/GLM: pixels per image after resize (e.g. 200704 = 448^2)"
@@ -53,7 +53,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.quick:
         config.update(QUICK, scale=())
-    if config["images"] < 2 or config["batch_tokens"] < 1 or config["batch_images"] < 1:
+    if config["images"] < 2 or (config["batch_tokens"] or 1) < 1 or config["batch_images"] < 1:
         raise UsageError("--images must be >= 2 and batch sizes positive")
     import encoders
 

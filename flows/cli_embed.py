@@ -48,7 +48,8 @@ def add_embed_parser(sub: Any) -> None:
     p.add_argument(
         "--gpus-per-actor", type=float, help="GPUs per actor, fractional allowed (default 1 on GPU)"
     )
-    p.add_argument("--batch-tokens", type=int, default=16384, help="token budget of one packed forward")
+    budget_help = "token budget of one packed forward (default: 16384 on GPU, 2048 on CPU)"
+    p.add_argument("--batch-tokens", type=int, help=budget_help)
     p.add_argument("--batch-images", type=int, default=64, help="images per actor call and per shard")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument(

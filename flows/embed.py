@@ -67,7 +67,7 @@ def embed_corpus(
     dataset: str = "default",
     actors: int | None = None,
     gpus_per_actor: float | None = None,
-    batch_tokens: int = 16384,
+    batch_tokens: int | None = None,
     batch_images: int = 64,
     dtype: str | None = None,
     patches: bool = True,
@@ -85,6 +85,8 @@ def embed_corpus(
 
     source_options / lake_options: fsspec options such as endpoint_url. Never put credentials here
     (flow parameters are stored by Prefect): they come from the environment / config chain.
+    batch_tokens: token budget of one packed forward (None: 16384 on a GPU, 2048 on a CPU, where a
+    forward's activations then stay in cache).
     wait_lock: seconds to wait while another run writes the lake (0: refuse at once).
     compile_blocks: torch.compile the packed towers' blocks in each actor (CUDA; ~7 s warm-up per
     actor, about 2x the Qwen2.5-VL-7B tower's throughput on an H100).

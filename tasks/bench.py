@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
 import encoders
-from encoders._base import plan_batches
+from encoders._base import default_batch_tokens, plan_batches
 
 # random-weight configs per (encoder, size); "real" are the released towers' shapes
 SIZES: dict[tuple[str, str], dict[str, Any]] = {
@@ -94,12 +94,17 @@ class Ceiling:
     tokens_per_s: float
     flops_per_image: float
     batches: int
+    batch_tokens: int
 
 
-def measure_ceiling(enc: encoders.Encoder, paths: list[Path], batch_tokens: int, repeats: int = 2) -> Ceiling:
-    """The bare tower forward on pre-decoded, pre-batched tensors already on the device."""
+def measure_ceiling(
+    enc: encoders.Encoder, paths: list[Path], batch_tokens: int | None, repeats: int = 2
+) -> Ceiling:
+    """The bare tower forward on pre-decoded, pre-batched tensors already on the device, packed by the
+    token budget the pipeline's actors use (None: the device's default)."""
+    budget = batch_tokens if batch_tokens is not None else default_batch_tokens(enc.device)
     prepared = [enc.preprocess(p) for p in paths]
-    batches = plan_batches([p.seq_len for p in prepared], batch_tokens, [enc.batch_key(p) for p in prepared])
+    batches = plan_batches([p.seq_len for p in prepared], budget, [enc.batch_key(p) for p in prepared])
     inputs = [enc.collate([prepared[i] for i in b]) for b in batches]
     enc.run_collated(inputs[0])  # warm-up: allocator, kernels, lazy init
     _sync(enc.device)
@@ -115,7 +120,7 @@ def measure_ceiling(enc: encoders.Encoder, paths: list[Path], batch_tokens: int,
         for p in sample:
             enc.run_collated(enc.collate([p]))
     return Ceiling(
-        len(paths) / seconds, tokens / seconds, counter.get_total_flops() / len(sample), len(batches)
+        len(paths) / seconds, tokens / seconds, counter.get_total_flops() / len(sample), len(batches), budget
     )
 
 

@@ -40,7 +40,7 @@ class RunConfig:
     dataset: str = "default"
     actors: int | None = None  # embedding actors per model; None: one per GPU, else half the CPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    batch_tokens: int = 16384  # token budget of one packed forward
+    batch_tokens: int | None = None  # token budget of one packed forward; None: the device's default
     batch_images: int = 64  # images per Ray batch handed to an actor (packed by tokens inside)
     patches: bool = True
     patch_dtype: str = "fp16"
@@ -60,7 +60,7 @@ class RunConfig:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"a model is named twice: {', '.join(names)}")
-        if self.batch_tokens <= 0 or self.batch_images <= 0:
+        if (self.batch_tokens is not None and self.batch_tokens <= 0) or self.batch_images <= 0:
             raise ValueError("batch sizes must be positive")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"--actors must be >= 1, got {self.actors}")

@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 import encoders
+from encoders._base import default_batch_tokens
 from tasks.decode import err_col, error_json, prep_col, timing_col
 from tasks.faults import maybe_fault
 
@@ -45,7 +46,7 @@ class EmbedActor:
         dtype: str | None = None,
         options: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
-        batch_tokens: int = 16384,
+        batch_tokens: int | None = None,
         patches: bool = True,
         patch_dtype: str = "fp16",
         threads: int | None = None,
@@ -69,7 +70,9 @@ class EmbedActor:
             compile_fn()
         self.opts = self.encoder.options(patches=patches, patch_dtype=patch_dtype)
         _normal_priority()
-        self.batch_tokens = batch_tokens
+        # None: the device's default (large on a GPU, cache-sized on a CPU; see default_batch_tokens)
+        device_budget = default_batch_tokens(self.encoder.device)
+        self.batch_tokens = batch_tokens if batch_tokens is not None else device_budget
         self.pid = os.getpid()
 
     def _outputs(self, prepared: list[Any]) -> list[tuple]:

@@ -8,7 +8,7 @@ import torch
 from _support import ENCODERS
 
 import encoders
-from encoders._base import plan_batches
+from encoders._base import CPU_BATCH_TOKENS, DEFAULT_BATCH_TOKENS, default_batch_tokens, plan_batches
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,22 @@ def test_forward_count_follows_the_budget(qwen, images, monkeypatch):
     costs = [qwen.preprocess(i).seq_len for i in images]
     qwen.embed(images, batch_tokens=costs[0] + costs[1])
     assert sizes == [2, 1]
+
+
+def test_default_budget_follows_the_device(qwen, images, monkeypatch):
+    """A CPU packs forwards that stay in cache; an accelerator packs large ones."""
+    assert default_batch_tokens(torch.device("cpu")) == CPU_BATCH_TOKENS < DEFAULT_BATCH_TOKENS
+    assert default_batch_tokens(torch.device("cuda")) == DEFAULT_BATCH_TOKENS
+    tokens = []
+    real = qwen.forward
+    monkeypatch.setattr(
+        qwen, "forward", lambda batch, opts: tokens.append(sum(p.seq_len for p in batch)) or real(batch, opts)
+    )
+    many = [images[i % len(images)] for i in range(40)]
+    costs = [qwen.preprocess(i).seq_len for i in many]
+    qwen.embed(many)  # no budget given: the CPU's
+    assert sum(tokens) == sum(costs) > CPU_BATCH_TOKENS
+    assert max(tokens) <= CPU_BATCH_TOKENS and len(tokens) == len(plan_batches(costs, CPU_BATCH_TOKENS))
 
 
 BF16_REL_TOL = 5e-2  # stated tolerance: relative L2 error of pooled vectors, bf16 vs fp32 on CPU

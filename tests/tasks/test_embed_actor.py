@@ -11,6 +11,7 @@ import torch
 from _support import smooth_image
 
 import encoders
+from encoders._base import CPU_BATCH_TOKENS
 from tasks.decode import INPUT_SCHEMA, decode_batch
 from tasks.embed import EmbedActor, emb_col
 
@@ -34,6 +35,11 @@ def actor(checkpoint, budget):
     enc = encoders.load("qwen2_5_vl", checkpoint("qwen2_5_vl"))
     return EmbedActor(name="qwen2_5_vl", weights=str(checkpoint("qwen2_5_vl")), revision=enc.revision,
                       batch_tokens=budget)  # fmt: skip
+
+
+def test_the_actors_default_budget_is_its_devices(checkpoint):
+    assert actor(checkpoint, None).batch_tokens == CPU_BATCH_TOKENS  # the tests run on the CPU
+    assert actor(checkpoint, 300).batch_tokens == 300
 
 
 def fail_above(a: EmbedActor, limit: int, calls: list[int]):
