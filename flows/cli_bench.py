@@ -31,7 +31,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="48 images, no scaling: a smoke run under 2 minutes")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"))
-    p.add_argument("--actors", type=int, help="embedding actors (default: one per GPU, else half the CPUs)")
+    p.add_argument("--actors", type=int, help="embedding actors (default: one per GPU, else per core, <= 8)")
     p.add_argument("--batch-tokens", type=int, help="default: 16384 on GPU, 2048 on CPU")
     p.add_argument("--batch-images", type=int, default=32)
     p.add_argument(

@@ -44,7 +44,8 @@ def add_embed_parser(sub: Any) -> None:
         "--weights", required=True, help="checkpoint dir/URL/hub id; several: W1,W2 or name=W pairs"
     )
     p.add_argument("--dataset", default="default", help="dataset name in the lake (default 'default')")
-    p.add_argument("--actors", type=int, help="embedding actors per model (default: one per GPU, or cpus/2)")
+    actors_help = "embedding actors per model (default: one per GPU, else one per core, <= 8)"
+    p.add_argument("--actors", type=int, help=actors_help)
     p.add_argument(
         "--gpus-per-actor", type=float, help="GPUs per actor, fractional allowed (default 1 on GPU)"
     )

@@ -38,7 +38,7 @@ class RunConfig:
     lake: str
     models: tuple[ModelSpec, ...]
     dataset: str = "default"
-    actors: int | None = None  # embedding actors per model; None: one per GPU, else half the CPUs
+    actors: int | None = None  # embedding actors per model; None: one per GPU, else one per CPU core (<= 8)
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     batch_tokens: int | None = None  # token budget of one packed forward; None: the device's default
     batch_images: int = 64  # images per Ray batch handed to an actor (packed by tokens inside)
