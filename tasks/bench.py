@@ -97,31 +97,84 @@ class Ceiling:
     batch_tokens: int
 
 
-def measure_ceiling(
-    enc: encoders.Encoder, paths: list[Path], batch_tokens: int | None, repeats: int = 2
-) -> Ceiling:
-    """The bare tower forward on pre-decoded, pre-batched tensors already on the device, packed by the
-    token budget the pipeline's actors use (None: the device's default)."""
+@dataclass
+class BareInputs:
+    """Pre-decoded, pre-batched model inputs already on the device, packed as the actors pack them."""
+
+    inputs: list[Any]
+    images: int
+    tokens: int
+    budget: int
+
+
+def bare_inputs(enc: encoders.Encoder, paths: list[Path], batch_tokens: int | None) -> BareInputs:
     budget = batch_tokens if batch_tokens is not None else default_batch_tokens(enc.device)
     prepared = [enc.preprocess(p) for p in paths]
     batches = plan_batches([p.seq_len for p in prepared], budget, [enc.batch_key(p) for p in prepared])
     inputs = [enc.collate([prepared[i] for i in b]) for b in batches]
     enc.run_collated(inputs[0])  # warm-up: allocator, kernels, lazy init
     _sync(enc.device)
+    return BareInputs(inputs, len(paths), sum(p.seq_len for p in prepared), budget)
+
+
+def time_forwards(enc: encoders.Encoder, bare: BareInputs, repeats: int) -> float:
+    """Seconds of one pass of the bare forward over every batch (mean of REPEATS passes)."""
     t0 = time.perf_counter()
     for _ in range(repeats):
-        for x in inputs:
+        for x in bare.inputs:
             enc.run_collated(x)
     _sync(enc.device)
-    seconds = (time.perf_counter() - t0) / repeats
-    tokens = sum(p.seq_len for p in prepared)
-    sample = prepared[: min(4, len(prepared))]
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure_ceiling(
+    enc: encoders.Encoder, paths: list[Path], batch_tokens: int | None, repeats: int = 2
+) -> Ceiling:
+    """The bare tower forward in this process, packed by the token budget the pipeline's actors use
+    (None: the device's default)."""
+    bare = bare_inputs(enc, paths, batch_tokens)
+    seconds = time_forwards(enc, bare, repeats)
+    sample = [enc.preprocess(p) for p in paths[: min(4, len(paths))]]
     with FlopCounterMode(display=False) as counter:
         for p in sample:
             enc.run_collated(enc.collate([p]))
     return Ceiling(
-        len(paths) / seconds, tokens / seconds, counter.get_total_flops() / len(sample), len(batches), budget
-    )
+        bare.images / seconds, bare.tokens / seconds, counter.get_total_flops() / len(sample),
+        len(bare.inputs), bare.budget,
+    )  # fmt: skip
+
+
+class LayoutCeilingWorker:
+    """One process of the actors' layout: its own model copy, its threads, its share of the images."""
+
+    def __init__(self, load: dict[str, Any], paths: list[Path], batch_tokens: int | None, threads: int):
+        torch.set_num_threads(threads)
+        self.enc = encoders.load(**load)
+        self.bare = bare_inputs(self.enc, paths, batch_tokens)
+
+    def run(self, repeats: int) -> tuple[int, int, float]:
+        return self.bare.images, self.bare.tokens, time_forwards(self.enc, self.bare, repeats)
+
+
+def measure_layout_ceiling(
+    load: dict[str, Any], paths: list[Path], batch_tokens: int | None, sizing: Any, repeats: int = 2
+) -> tuple[float, float]:
+    """(images/s, tokens/s) of the bare forward run side by side in SIZING's layout (tasks.pipeline:
+    actors x threads, in Ray actors like the pipeline's): the ceiling of that layout, which on a CPU can
+    beat one process with every core's threads. Every worker is timed over the same wall window."""
+    import ray
+
+    worker = ray.remote(num_cpus=0, num_gpus=sizing.gpus_per_actor)(LayoutCeilingWorker)
+    shares = [paths[i :: sizing.actors] for i in range(sizing.actors)]
+    actors = [worker.remote(load, share, batch_tokens, sizing.threads) for share in shares if share]
+    try:
+        ray.get([a.__ray_ready__.remote() for a in actors])  # every model loaded before any clock starts
+        results = ray.get([a.run.remote(repeats) for a in actors])
+    finally:
+        for a in actors:
+            ray.kill(a)
+    seconds = max(r[2] for r in results)  # the last to finish bounds the layout's rate
+    return sum(r[0] for r in results) / seconds, sum(r[1] for r in results) / seconds
 
 
 def measure_naive(enc: encoders.Encoder, paths: list[Path]) -> float:

@@ -26,6 +26,10 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     result = json.loads((tmp_path / "bench.json").read_text())
     base, run, ratios = result["baseline"], result["runs"][0], result["ratios"]
     assert base["ceiling_images_per_s"] > 0 and base["ceiling_tokens_per_s"] > 0
+    # the ceiling: the better of the bare forward in one process and in the actors' own layout
+    layout = base["ceiling_layout_images_per_s"]
+    assert base["ceiling_images_per_s"] == max(base["ceiling_in_process_images_per_s"], layout or 0)
+    assert base["batch_tokens"] == 2048 and base["forwards"] >= 48 // 7  # the CPU's budget: 7 images
     assert base["naive_images_per_s"] > 0 and base["gflops_per_image"] > 1  # dinov2-small: ~11 GFLOP
     assert run["embedded"] == 48 and run["errors"] == 0
     assert run["steady_images_per_s"] > 0 and run["first_row_s"] > 0
