@@ -26,8 +26,8 @@ from tasks.bench import (
     measure_naive,
     write_checkpoint,
 )
-from tasks.config import ModelSpec, RunConfig
-from tasks.pipeline import actor_sizing, ensure_ray
+from tasks.config import ModelSpec, RunConfig, default_ray_address
+from tasks.pipeline import Sizing, actor_sizing, ensure_ray
 
 STAGES = ("read", "decode", "preprocess", "forward", "write", "commit")
 CEILING_IMAGES = 256  # enough batches for a stable bare-forward rate; the corpus may be much larger
@@ -62,9 +62,10 @@ def checkpoint(cfg: BenchConfig) -> Path:
     )
 
 
-def _layout(cfg: BenchConfig, weights: Path) -> tuple[dict[str, Any], Any]:
-    """The load arguments and the actor layout (tasks.pipeline.actor_sizing) the end-to-end run uses."""
-    ensure_ray(None, quiet=True)
+def _layout(cfg: BenchConfig, weights: Path) -> tuple[dict[str, Any], Sizing]:
+    """The load arguments and the actor layout (tasks.pipeline.actor_sizing) the end-to-end run uses,
+    on the Ray it uses (RAY_ADDRESS or a local one)."""
+    ensure_ray(default_ray_address(None), quiet=True)
     spec = ModelSpec(cfg.model, str(weights), cfg.dtype)
     sizing = actor_sizing(RunConfig(source="-", lake="-", models=(spec,), actors=cfg.actors), 1)
     load = {"name": cfg.model, "weights": str(weights), "device": cfg.device, "dtype": cfg.dtype}
