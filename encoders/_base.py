@@ -31,8 +31,10 @@ DEFAULT_BATCH_TOKENS = 16384  # accelerators: large packed forwards keep the dev
 CPU_BATCH_TOKENS = 2048
 
 
-def default_batch_tokens(device: torch.device) -> int:
-    """The token budget of one packed forward when the caller sets none."""
+def default_batch_tokens(device: torch.device, given: int | None = None) -> int:
+    """The token budget of one packed forward: GIVEN, or the device's default when the caller sets none."""
+    if given is not None:
+        return given
     return CPU_BATCH_TOKENS if device.type == "cpu" else DEFAULT_BATCH_TOKENS
 
 
@@ -292,7 +294,7 @@ class Encoder(abc.ABC):
                 f"this {self.name} instance only preprocesses (load_preprocessor); use encoders.load"
             )
         outputs: list[TowerOutput | None] = [None] * len(prepared)
-        budget = batch_tokens if batch_tokens is not None else default_batch_tokens(self.device)
+        budget = default_batch_tokens(self.device, batch_tokens)
         batches = plan_batches([p.seq_len for p in prepared], budget, [self.batch_key(p) for p in prepared])
         for idx in batches:
             for i, out in zip(idx, self.forward([prepared[i] for i in idx], opts), strict=True):

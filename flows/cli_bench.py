@@ -53,7 +53,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.quick:
         config.update(QUICK, scale=())
-    if config["images"] < 2 or (config["batch_tokens"] or 1) < 1 or config["batch_images"] < 1:
+    budget = config["batch_tokens"]
+    if config["images"] < 2 or (budget is not None and budget < 1) or config["batch_images"] < 1:
         raise UsageError("--images must be >= 2 and batch sizes positive")
     import encoders
 

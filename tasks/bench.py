@@ -108,7 +108,7 @@ class BareInputs:
 
 
 def bare_inputs(enc: encoders.Encoder, paths: list[Path], batch_tokens: int | None) -> BareInputs:
-    budget = batch_tokens if batch_tokens is not None else default_batch_tokens(enc.device)
+    budget = default_batch_tokens(enc.device, batch_tokens)
     prepared = [enc.preprocess(p) for p in paths]
     batches = plan_batches([p.seq_len for p in prepared], budget, [enc.batch_key(p) for p in prepared])
     inputs = [enc.collate([prepared[i] for i in b]) for b in batches]
@@ -161,7 +161,8 @@ def measure_layout_ceiling(
 ) -> tuple[float, float]:
     """(images/s, tokens/s) of the bare forward run side by side in SIZING's layout (tasks.pipeline:
     actors x threads, in Ray actors like the pipeline's): the ceiling of that layout, which on a CPU can
-    beat one process with every core's threads. Every worker is timed over the same wall window."""
+    beat one process with every core's threads. Each worker times its own loop; all start together
+    once every model is loaded, and the slowest bounds the rate."""
     import ray
 
     worker = ray.remote(num_cpus=0, num_gpus=sizing.gpus_per_actor)(LayoutCeilingWorker)

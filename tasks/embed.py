@@ -71,8 +71,7 @@ class EmbedActor:
         self.opts = self.encoder.options(patches=patches, patch_dtype=patch_dtype)
         _normal_priority()
         # None: the device's default (large on a GPU, cache-sized on a CPU; see default_batch_tokens)
-        device_budget = default_batch_tokens(self.encoder.device)
-        self.batch_tokens = batch_tokens if batch_tokens is not None else device_budget
+        self.batch_tokens = default_batch_tokens(self.encoder.device, batch_tokens)
         self.pid = os.getpid()
 
     def _outputs(self, prepared: list[Any]) -> list[tuple]:

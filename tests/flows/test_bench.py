@@ -42,3 +42,10 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     assert ratios["e2e_vs_ceiling"] == run["steady_images_per_s"] / run["ceiling_images_per_s"]
     table = (tmp_path / "bench.md").read_text()
     assert "x** the ceiling" in table and "GFLOP/image" in table and table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--batch-tokens", "0"], ["--batch-images", "0"], ["--images", "1"]])
+def test_bad_bench_arguments_exit_2_before_any_work(args, tmp_path, capsys):
+    assert main(["bench", *args, "--out", str(tmp_path / "out")]) == 2
+    assert "batch sizes positive" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
