@@ -37,12 +37,18 @@ def test_sigint_mid_run_then_rerun_is_exactly_once(checkpoint, tmp_path):
         "TOWERFLOW_FAULT_DIR": str(tmp_path),
     }
     env.pop("PREFECT_API_URL", None)  # the child starts its own temporary API, as a user's shell would
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.embed", str(source), "--out", str(lake), "--weights", str(weights),
-         "--actors", "1", "--batch-images", "8", "--quiet"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # its own process group: a timeout ends the Ray it started too
-    )  # fmt: skip
+    # a shell starts a background job (`make test &`) with SIGINT ignored, and an ignored signal stays
+    # ignored across exec: the child gets the disposition of a foreground command, whose Ctrl-C counts
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.embed", str(source), "--out", str(lake), "--weights", str(weights),
+             "--actors", "1", "--batch-images", "8", "--quiet"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # its own process group: a timeout ends the Ray it started too
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 240
     shards = lake / "embeddings" / "model=qwen2_5_vl" / "dataset=default"
     stall = Fault("embed", 15, "stall")
