@@ -7,6 +7,7 @@ are written and commits them one by one, so a long run commits continuously.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -35,6 +36,7 @@ LOCAL_RAY_CONFIG = {
     # cores (169% with this; 7.8 -> 9.7 images/s). Idle workers now live a minute.
     "RAY_idle_worker_killing_time_threshold_ms": "60000",
 }
+STEADY_TRIM = 0.1  # steady state leaves out the first and the last 10% of a run's images (see steady_rate)
 CPU_MAX_ACTORS = 8  # per model: each CPU actor holds its own copy of the model (see actor_sizing)
 BUFFER_MB_PER_ACTOR = {"gpu": 1024, "cpu": 256}  # default object-store budget of a run (see buffer_bytes)
 
@@ -60,6 +62,7 @@ class RunClock:
     inputs: int = 0
     stages: dict[str, float] = field(default_factory=dict)
     span: list[float] = field(default_factory=list)
+    shards: list[tuple[float, float, int]] = field(default_factory=list)  # (forward start, end, inputs)
 
     def record(self, result: ShardResult, commit_seconds: float) -> None:
         now = time.perf_counter()
@@ -70,6 +73,7 @@ class RunClock:
         if result.span:
             old = self.span or result.span
             self.span = [min(old[0], result.span[0]), max(old[1], result.span[1])]
+            self.shards.append((result.span[0], result.span[1], result.inputs))
         for stage, seconds in {**result.seconds, "commit": commit_seconds}.items():
             self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
@@ -79,12 +83,58 @@ class RunClock:
             return out
         out["first_row_s"] = round(self.first_commit - self.start, 3)
         if self.span and self.span[1] > self.span[0]:
-            # steady state: from the first forward to the last, over every actor; startup (Ray, worker
-            # imports, model load) is before it, and waiting on decode or writes inside it counts
+            # from the first forward to the last, over every actor; startup (Ray, worker imports, model
+            # load) is before it, and waiting on decode or writes inside it counts
             out["forward_span_s"] = round(self.span[1] - self.span[0], 3)
-            out["steady_images_per_s"] = round(self.inputs / (self.span[1] - self.span[0]), 2)
+            out["span_images_per_s"] = round(self.inputs / (self.span[1] - self.span[0]), 2)
+            steady = steady_rate(self.shards)
+            if steady is not None:
+                out["steady_images_per_s"] = round(steady, 2)
         out.update({f"stage.{k}": round(v, 3) for k, v in sorted(self.stages.items())})
         return out
+
+
+def steady_rate(shards: list[tuple[float, float, int]], trim: float = STEADY_TRIM) -> float | None:
+    """Images/s between the moments when TRIM and 1 - TRIM of SHARDS' images were embedded.
+
+    The rate a long run settles at: a short run's forward span also holds the ramp-up (actors start
+    one after another, the first blocks are still decoding) and the drain (actors run out of work one
+    by one), which a million-image run amortises. Each shard is taken to progress evenly over its own
+    (forward start, end, inputs); idle time inside the window (an actor starved of decoded images)
+    counts. None when the window is empty.
+    """
+    total = sum(n for _, _, n in shards)
+    if not total:
+        return None
+    low, high = trim * total, (1 - trim) * total
+    times = _crossings(shards, [low, high])
+    if len(times) < 2 or times[1] <= times[0]:
+        return None
+    return (high - low) / (times[1] - times[0])
+
+
+def _crossings(shards: list[tuple[float, float, int]], targets: list[float]) -> list[float]:
+    """When the count of embedded images (linear inside each shard's span) reaches each of TARGETS."""
+    events: list[tuple[float, float, float]] = []  # (time, change of slope, jump)
+    for start, end, n in shards:
+        if end > start:
+            events += [(start, n / (end - start), 0.0), (end, -n / (end - start), 0.0)]
+        else:
+            events.append((start, 0.0, float(n)))
+    events.sort()
+    pending = sorted(targets)
+    out: list[float] = []
+    done, slope, now = 0.0, 0.0, events[0][0] if events else 0.0
+    for t, change, jump in events:
+        reach = done + slope * (t - now)
+        while pending and reach >= pending[0] and slope > 0:
+            out.append(now + (pending.pop(0) - done) / slope)
+        done, now = reach + jump, t
+        while pending and done >= pending[0]:
+            pending.pop(0)
+            out.append(t)
+        slope += change
+    return out
 
 
 def ensure_ray(address: str | None, quiet: bool = False) -> None:
@@ -94,12 +144,16 @@ def ensure_ray(address: str | None, quiet: bool = False) -> None:
     with warnings.catch_warnings():
         # Ray starts its processes with fork+exec; lancedb's at-fork warning is about plain forks.
         warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+        level = logging.WARNING if quiet else logging.INFO  # Ray's "Started a local Ray instance" is INFO
         if address:
-            ray.init(address=address, log_to_driver=not quiet)
+            ray.init(address=address, log_to_driver=not quiet, logging_level=level)
             return
         for key, value in LOCAL_RAY_CONFIG.items():
             os.environ.setdefault(key, value)  # the local Ray's raylet reads them at start
-        ray.init(include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=not quiet)
+        ray.init(
+            include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=not quiet,
+            logging_level=level,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -155,6 +209,9 @@ def run_pipeline(
         return
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the flow shows one bar: images committed, images/s, errors
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we know
+    # Ray Data's INFO lines (execution plan, "finished in") go to stderr too, not to its log file only
+    logging.getLogger("ray.data").setLevel(logging.WARNING if cfg.quiet else logging.INFO)
     # Ray Data's per-task USS poll reads the task's process smaps every second (a kernel walk of every
     # mapping of a 1-2 GB actor), for a statistic the run does not use.
     ctx.memory_usage_poll_interval_s = None

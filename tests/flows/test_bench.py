@@ -32,7 +32,7 @@ def test_quick_bench_reports_every_figure(tmp_path, capsys):
     assert base["batch_tokens"] == 2048 and base["forwards"] >= 48 // 7  # the CPU's budget: 7 images
     assert base["naive_images_per_s"] > 0 and base["gflops_per_image"] > 1  # dinov2-small: ~11 GFLOP
     assert run["embedded"] == 48 and run["errors"] == 0
-    assert run["steady_images_per_s"] > 0 and run["first_row_s"] > 0
+    assert run["steady_images_per_s"] > 0 and run["span_images_per_s"] > 0 and run["first_row_s"] > 0
     assert set(run["ms_per_image"]) == {"read", "decode", "preprocess", "forward", "write", "commit"}
     assert all(v > 0 for v in run["ms_per_image"].values())
     assert run["driver_rss_mb"] > 100 and run["worker_rss_max_mb"] > 100

@@ -68,7 +68,9 @@ def test_sigint_mid_run_then_rerun_is_exactly_once(checkpoint, tmp_path):
         out, _ = proc.communicate(timeout=30)
         pytest.fail(f"embed did not stop within 120 s of SIGINT:\n{out[-3000:]}")
     assert proc.returncode == 130, out[-3000:]  # the CLI's "interrupted" exit
-    assert "| INFO" not in out  # --quiet holds under `python -m flows.embed` too (prefect imported first)
+    # --quiet holds under `python -m flows.embed` too (prefect imported first), for Ray's and Ray Data's
+    # loggers as well ("\tINFO worker.py:... Started a local Ray instance", "\tINFO streaming_executor.py")
+    assert "| INFO" not in out and "\tINFO" not in out and "Progress bars disabled" not in out, out
     con = duckdb.connect()
     glob = f"read_parquet('{lake}/embeddings/**/*.parquet', hive_partitioning=true)"
     partial = con.execute(f"SELECT count(*), count(DISTINCT uri) FROM {glob}").fetchone()
