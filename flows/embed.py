@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from storage.lake import Lake, new_run_id
 from storage.lock import LakeLock
-from tasks.commit import clean_staging, commit_list_errors, commit_shard, open_lake, refresh_indexes
+from tasks.commit import clean_staging, commit_list_errors, commit_shards, open_lake, refresh_indexes
 from tasks.config import ModelSpec, RunConfig, default_ray_address, retry_unless_denied
-from tasks.pipeline import RunClock, ensure_ray, run_pipeline
+from tasks.pipeline import RunClock, commit_groups, ensure_ray, run_pipeline
 from tasks.plan import ModelInfo, Plan, make_plan, model_info
 from tasks.report import new_manifest, report, save_manifest
 
@@ -135,12 +135,14 @@ def _locked_run(cfg: RunConfig, run_id: str, infos: dict[str, ModelInfo], lock: 
         with tqdm(
             total=len(plan.items), unit="img", desc="embedding", disable=cfg.quiet or not plan.items
         ) as bar:
-            for result in run_pipeline(cfg, run_id, plan.items, infos):
+            for group in commit_groups(run_pipeline(cfg, run_id, plan.items, infos)):
                 t1 = time.perf_counter()
                 lock.check()
-                commit_shard(session, result)
-                clock.record(result, time.perf_counter() - t1)
-                bar.update(result.inputs)
+                commit_shards(session, group)
+                share, clock.commits = (time.perf_counter() - t1) / len(group), clock.commits + 1
+                for result in group:
+                    clock.record(result, share)
+                bar.update(sum(r.inputs for r in group))
                 bar.set_postfix(errors=session.totals.rows.get("errors", 0), refresh=False)
         manifest.timings.update(clock.timings())
         clean_staging(session, run_id)

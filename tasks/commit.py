@@ -53,14 +53,14 @@ def open_lake(cfg: RunConfig, infos: dict[str, ModelInfo], run_id: str) -> LakeS
     return session
 
 
-@task(name="commit-shard", **STORAGE_RETRIES)
-def commit_shard(session: LakeSession, result: ShardResult) -> CommitStats:
-    stats = session.committer.commit(result.staged)
+@task(name="commit-shards", **STORAGE_RETRIES)
+def commit_shards(session: LakeSession, results: list[ShardResult]) -> CommitStats:
+    """RESULTS' shards in one commit (see Committer.commit_group); a retry resumes it."""
+    stats = session.committer.commit_group([r.staged for r in results])
     for kind, n in stats.rows.items():
         session.totals.rows[kind] = session.totals.rows.get(kind, 0) + n
     session.totals.duplicates += stats.duplicates
-    if stats.rows or stats.resumed:
-        session.shards.append(result.staged.shard)
+    session.shards.extend(stats.shards)
     return stats
 
 

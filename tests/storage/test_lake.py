@@ -130,6 +130,46 @@ def crash_after_moves(lake: Lake, n: int):
     return lambda: setattr(lake, "move", real)
 
 
+def test_a_group_of_shards_commits_as_one_with_one_vector_merge(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    run = new_run_id()
+    merges: list[list[str]] = []
+    committer = Committer(lake, lambda model, dataset, table: merges.append(table["uri"].to_pylist()))
+    committer.commit(stage(lake, run, "00000", ["a.jpg"]))
+    group = [
+        stage(lake, run, "00001", ["b.jpg", "c.jpg"], bad=["x.jpg"]),
+        stage(lake, run, "00002", ["c.jpg", "a.jpg"]),  # c: earlier in this group; a: committed before
+        stage(lake, run, "00003", ["d.jpg"]),
+    ]
+    stats = committer.commit_group(group)
+    assert stats.rows == {"embeddings": 3, "patches": 3, "errors": 1} and stats.duplicates == 4
+    assert stats.shards == ["00001", "00003"]  # 00002 held nothing new
+    assert merges == [["a.jpg"], ["b.jpg", "c.jpg", "d.jpg"]]  # one merge for the group's partition
+    assert lake.list_files("_staging") == [] and lake.list_files("_commits", ".json") == []
+    got = duck(tmp_path).execute(
+        f"SELECT uri, count(*) FROM read_parquet('{lake.base}/embeddings/**/*.parquet') "
+        "GROUP BY uri ORDER BY uri"
+    ).fetchall()
+    assert got == [(u, 1) for u in ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]]
+
+
+def test_a_group_commit_that_crashed_after_its_record_resumes_on_retry(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    run = new_run_id()
+    committer = Committer(lake)
+    group = [stage(lake, run, f"{k:05d}", [f"{k}-{i}.jpg" for i in range(3)]) for k in range(3)]
+    restore = crash_after_moves(lake, 2)  # 2 of the group's 6 files moved, then the process "dies"
+    with pytest.raises(Crash):
+        committer.commit_group(group)
+    restore()
+    assert lake.exists(commit_record_path(run, "00000"))  # one record, named after the first shard
+    again = committer.commit_group(group)  # what Prefect's retry of the commit task does
+    assert again.resumed and again.shards == ["00000", "00001", "00002"]
+    con = duck(tmp_path)
+    assert count_rows(con, lake, "embeddings") == 9 and count_rows(con, lake, "patches") == 9
+    assert lake.list_files("_staging") == [] and lake.list_files("_commits", ".json") == []
+
+
 @pytest.mark.parametrize("crash_at", ["first_move", "second_move", "vector_merge"])
 def test_crash_after_k_of_n_shards_then_rerun_is_exactly_once(tmp_path, crash_at):
     lake = Lake(str(tmp_path / "lake"))

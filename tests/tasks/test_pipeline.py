@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.config import ModelSpec, RunConfig
-from tasks.pipeline import CPU_MAX_ACTORS, RunClock, ShardResult, actor_sizing, steady_rate
+from tasks.pipeline import CPU_MAX_ACTORS, RunClock, ShardResult, actor_sizing, commit_groups, steady_rate
 
 
 def config(models: int = 1, **kw) -> RunConfig:
@@ -60,3 +60,11 @@ def test_run_clock_reports_the_steady_and_the_whole_span_rates():
     t = clock.timings()
     assert t["forward_span_s"] == 105.0 and t["span_images_per_s"] == round(800 / 105.0, 2)
     assert t["steady_images_per_s"] == pytest.approx(8.0, abs=0.01)  # both actors at 4 images/s
+
+
+def test_commit_groups_commit_a_slow_stream_shard_by_shard_and_gather_a_fast_one():
+    results = list(range(6))
+    assert list(commit_groups(results, every_s=0.0)) == [[r] for r in results]  # a shard every few s
+    # dozens a second: the first at once, the rest gathered until a commit is due (here: the end)
+    assert list(commit_groups(results, every_s=3600.0)) == [[0], [1, 2, 3, 4, 5]]
+    assert list(commit_groups([], every_s=1.0)) == []

@@ -8,7 +8,7 @@ from prefect import flow
 
 from storage.commit import Committer, stage_shard
 from storage.lake import Lake, new_run_id
-from tasks.commit import LakeSession, commit_shard
+from tasks.commit import LakeSession, commit_shards
 from tasks.pipeline import ShardResult
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
@@ -32,7 +32,7 @@ def test_transient_storage_failure_is_retried_by_prefect(tmp_path):
 
     @flow
     def one_commit():
-        return commit_shard(session, result, return_state=True)
+        return commit_shards(session, [result], return_state=True)
 
     state = one_commit()
     assert state.is_completed() and failures  # failed once, then Prefect's retry finished it
