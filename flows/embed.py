@@ -18,8 +18,9 @@ from storage.lake import Lake, new_run_id
 from storage.lock import LakeLock
 from tasks.commit import clean_staging, commit_list_errors, commit_shards, open_lake, refresh_indexes
 from tasks.config import ModelSpec, RunConfig, default_ray_address, retry_unless_denied
-from tasks.pipeline import RunClock, commit_groups, ensure_ray, run_pipeline
+from tasks.pipeline import ensure_ray, run_pipeline
 from tasks.plan import ModelInfo, Plan, make_plan, model_info
+from tasks.progress import RunClock, commit_groups
 from tasks.report import new_manifest, report, save_manifest
 
 
