@@ -64,14 +64,20 @@ def commit_groups(
 
     A slow tower (a shard every few seconds) commits each shard as it arrives, as before; a fast one
     (dozens of shards a second) pays a commit's fixed cost once a second instead of once a shard.
+    An interrupt (Ctrl-C) while waiting for the next shard commits the waiting ones, then goes on.
     """
     pending: list[ShardResult] = []
     last = float("-inf")
-    for result in results:
-        pending.append(result)
-        if time.monotonic() - last >= every_s:
+    try:
+        for result in results:
+            pending.append(result)
+            if time.monotonic() - last >= every_s:
+                yield pending
+                pending, last = [], time.monotonic()  # resumed after the commit: it ended now
+    except KeyboardInterrupt:
+        if pending:  # Ctrl-C: what already arrived is committed before the run stops
             yield pending
-            pending, last = [], time.monotonic()  # resumed after the commit: it ended now
+        raise
     if pending:
         yield pending
 

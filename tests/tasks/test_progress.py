@@ -44,3 +44,14 @@ def test_commit_groups_commit_a_slow_stream_shard_by_shard_and_gather_a_fast_one
     # dozens a second: the first at once, the rest gathered until a commit is due (here: the end)
     assert list(commit_groups(results, every_s=3600.0)) == [[0], [1, 2, 3, 4, 5]]
     assert list(commit_groups([], every_s=1.0)) == []
+
+
+def test_commit_groups_commit_the_waiting_shards_on_ctrl_c_then_stop():
+    def interrupted():  # the pipeline's iterator, interrupted while waiting for its fourth shard
+        yield from range(3)
+        raise KeyboardInterrupt
+
+    groups = commit_groups(interrupted(), every_s=3600.0)
+    assert next(groups) == [0] and next(groups) == [1, 2]  # committed, not lost with the interrupt
+    with pytest.raises(KeyboardInterrupt):
+        next(groups)
