@@ -140,9 +140,7 @@ def _locked_run(cfg: RunConfig, run_id: str, infos: dict[str, ModelInfo], lock: 
                 t1 = time.perf_counter()
                 lock.check()
                 commit_shards(session, group)
-                share, clock.commits = (time.perf_counter() - t1) / len(group), clock.commits + 1
-                for result in group:
-                    clock.record(result, share)
+                clock.record(group, time.perf_counter() - t1)
                 bar.update(sum(r.inputs for r in group))
                 bar.set_postfix(errors=session.totals.rows.get("errors", 0), refresh=False)
         manifest.timings.update(clock.timings())

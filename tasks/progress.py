@@ -14,41 +14,39 @@ STEADY_TRIM = 0.1  # steady state leaves out the first and the last 10% of a run
 
 @dataclass
 class RunClock:
-    """Wall time of the run, time to the first committed shard, steady-state rate, seconds per stage."""
+    """Wall time of the run, time to the first commit, steady-state rate, seconds per stage."""
 
     start: float = field(default_factory=time.perf_counter)
     first_commit: float | None = None
-    first_inputs: int = 0
-    last_commit: float | None = None
     inputs: int = 0
-    stages: dict[str, float] = field(default_factory=dict)
-    span: list[float] = field(default_factory=list)
-    shards: list[tuple[float, float, int]] = field(default_factory=list)  # (forward start, end, inputs)
     commits: int = 0  # groups of shards committed (see commit_groups)
+    stages: dict[str, float] = field(default_factory=dict)
+    shards: list[tuple[float, float, int]] = field(default_factory=list)  # (forward start, end, inputs)
 
-    def record(self, result: ShardResult, commit_seconds: float) -> None:
-        now = time.perf_counter()
+    def record(self, group: list[ShardResult], commit_seconds: float) -> None:
+        """One commit of GROUP's shards, which took COMMIT_SECONDS (shared out evenly)."""
         if self.first_commit is None:
-            self.first_commit, self.first_inputs = now, result.inputs
-        self.last_commit = now
-        self.inputs += result.inputs
-        if result.span:
-            old = self.span or result.span
-            self.span = [min(old[0], result.span[0]), max(old[1], result.span[1])]
-            self.shards.append((result.span[0], result.span[1], result.inputs))
-        for stage, seconds in {**result.seconds, "commit": commit_seconds}.items():
-            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
+            self.first_commit = time.perf_counter()
+        self.commits += 1
+        for result in group:
+            self.inputs += result.inputs
+            if result.span:
+                self.shards.append((result.span[0], result.span[1], result.inputs))
+            for stage, seconds in {**result.seconds, "commit": commit_seconds / len(group)}.items():
+                self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
     def timings(self) -> dict[str, float]:
         out = {"embed": round(time.perf_counter() - self.start, 3), "commits": self.commits}
         if self.first_commit is None:
             return out
         out["first_row_s"] = round(self.first_commit - self.start, 3)
-        if self.span and self.span[1] > self.span[0]:
+        begin = min((s for s, _, _ in self.shards), default=0.0)
+        end = max((e for _, e, _ in self.shards), default=0.0)
+        if end > begin:
             # from the first forward to the last, over every actor; startup (Ray, worker imports, model
             # load) is before it, and waiting on decode or writes inside it counts
-            out["forward_span_s"] = round(self.span[1] - self.span[0], 3)
-            out["span_images_per_s"] = round(self.inputs / (self.span[1] - self.span[0]), 2)
+            out["forward_span_s"] = round(end - begin, 3)
+            out["span_images_per_s"] = round(self.inputs / (end - begin), 2)
             steady = steady_rate(self.shards)
             if steady is not None:
                 out["steady_images_per_s"] = round(steady, 2)

@@ -31,9 +31,12 @@ def test_steady_rate_takes_instant_shards_and_has_none_without_images():
 
 def test_run_clock_reports_the_steady_and_the_whole_span_rates():
     clock = RunClock()
-    for start, end, n in batches(100.0, 50, 2.0, 8) + batches(105.0, 50, 2.0, 8):
-        clock.record(ShardResult(None, n, {}, 0, {"forward": 1.0}, [start, end]), 0.01)  # type: ignore[arg-type]
+    shards = [ShardResult(None, n, {}, 0, {"forward": 1.0}, [start, end])  # type: ignore[arg-type]
+              for start, end, n in batches(100.0, 50, 2.0, 8) + batches(105.0, 50, 2.0, 8)]  # fmt: skip
+    clock.record(shards[:1], 0.05)
+    clock.record(shards[1:], 0.99)  # a group commit: its time is shared out over its shards
     t = clock.timings()
+    assert t["commits"] == 2 and t["stage.commit"] == 1.04 and t["stage.forward"] == 100.0
     assert t["forward_span_s"] == 105.0 and t["span_images_per_s"] == round(800 / 105.0, 2)
     assert t["steady_images_per_s"] == pytest.approx(8.0, abs=0.01)  # both actors at 4 images/s
 
