@@ -18,9 +18,10 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from storage.sources import read_bytes
 
 DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default bomb limit (its error; it warns at half)
@@ -303,8 +304,7 @@ def load_image(
 
 def _read(path, storage_options: dict | None) -> bytes:
     try:
-        with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            return f.read()
+        return read_bytes(os.fspath(path), storage_options)
     except FileNotFoundError as e:
         # fsspec reports the protocol-stripped path; name what the caller passed.
         raise FileNotFoundError(errno.ENOENT, "No such image file", str(path)) from e

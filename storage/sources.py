@@ -83,11 +83,16 @@ def source_filesystem(
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, protocol-stripped path) for a path or URL; local paths need no options.
 
+    One filesystem by the URL's protocol, never fsspec's URL chaining: "::" is a legal character in file
+    names and S3 keys, and `url_to_fs` would read `photos/a::b.jpg` as the chain `a` over `b.jpg`.
     S3 clients get storage.lake.S3_CLIENT_RETRIES unless the options set their own.
     """
     source = os.fspath(source)
-    local = fsspec.core.split_protocol(source)[0] in (None, "file", "local")
-    return fsspec.core.url_to_fs(source, **({} if local else with_client_retries(source, storage_options)))
+    protocol = fsspec.core.split_protocol(source)[0]
+    if protocol in (None, "file", "local"):
+        return LocalFileSystem(), LocalFileSystem._strip_protocol(source)
+    fs = fsspec.filesystem(protocol, **with_client_retries(source, storage_options))
+    return fs, fs._strip_protocol(source)
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:

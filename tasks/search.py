@@ -23,6 +23,7 @@ import encoders
 from storage.images import ImageDecodeError
 from storage.lake import Lake, check_name
 from storage.manifest import list_manifests
+from storage.sources import read_bytes
 from storage.vectors import VECTOR_COLUMN, VectorTable, lance_storage_options, lance_uri
 from tasks.grid import Tile, draw_sheet, load_thumbnail, save_png
 
@@ -196,10 +197,7 @@ def _query_bytes_id(image: Any, storage_options: dict) -> str | None:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return hashlib.sha256(image).hexdigest()
     if isinstance(image, (str, os.PathLike)):
-        import fsspec
-
-        with fsspec.open(os.fspath(image), "rb", **storage_options) as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(read_bytes(os.fspath(image), storage_options)).hexdigest()
     return None
 
 

@@ -243,9 +243,8 @@ def special_cases() -> list[FuzzCase]:
              "UPPER.JPEG", "double..png", "-dash.jpg", "file:colon.jpg", "deep/er/nest/ed.png"]  # fmt: skip
     cases += [FuzzCase(n, jpeg if n.lower().endswith((".jpg", ".jpeg")) else png if n.endswith(".png")
                        else gif if n.endswith(".gif") else webp, EMBED) for n in names]  # fmt: skip
-    # "::" is fsspec's URL-chaining separator: the listing yields the file, but storage.sources.read_bytes
-    # parses the path as a chained URL and finds nothing (today a read/FileNotFoundError row; should embed)
-    cases.append(FuzzCase("double::colon.jpg", jpeg, ANY))
+    # "::" is fsspec's URL-chaining separator, read here as part of the name (storage.sources)
+    cases.append(FuzzCase("double::colon.jpg", jpeg, EMBED))
     return cases
 
 

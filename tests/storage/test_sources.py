@@ -180,6 +180,13 @@ def test_read_bytes_local_and_missing(tree):
         read_bytes(str(tree / "gone.jpg"))
 
 
+def test_double_colon_in_a_name_is_a_name_not_an_fsspec_chain(tmp_path):
+    """'::' is fsspec's URL-chaining separator but a legal character in file names and S3 keys."""
+    (tmp_path / "a::b.jpg").write_bytes(b"colon")
+    assert [i.uri for i in list_source(tmp_path)] == [str(tmp_path / "a::b.jpg")]
+    assert read_bytes(str(tmp_path / "a::b.jpg")) == read_bytes(f"file://{tmp_path}/a::b.jpg") == b"colon"
+
+
 # --- manifests ------------------------------------------------------------------------------------------
 
 
@@ -326,6 +333,14 @@ def test_s3_glob_and_single_object(s3_tree):
     assert list(list_source(f"s3://{bucket}/pre/sub/b.PNG", cfg)) == [
         SourceItem(f"s3://{bucket}/pre/sub/b.PNG", 4, etags["pre/sub/b.PNG"])
     ]
+
+
+def test_s3_key_with_double_colon(s3):
+    bucket, options = s3
+    fsspec.filesystem("s3", **options).pipe({f"{bucket}/c/user::7/x::y.jpg": b"s3colon"})
+    got = list(list_source(f"s3://{bucket}/c", SourceConfig(storage_options=options)))
+    assert [i.uri for i in got] == [f"s3://{bucket}/c/user::7/x::y.jpg"]
+    assert read_bytes(got[0].uri, options) == b"s3colon"
 
 
 def test_s3_txt_manifest_lists_s3_objects(s3_tree):
