@@ -63,6 +63,8 @@ def ensure_ray(address: str | None, quiet: bool = False) -> None:
             return
         for key, value in LOCAL_RAY_CONFIG.items():
             os.environ.setdefault(key, value)  # the local Ray's raylet reads them at start
+        if quiet:  # Ray 2.60 warns on every new local cluster that it turned token auth on (it stays on)
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             include_dashboard=False, _node_ip_address=LOOPBACK, log_to_driver=not quiet,
             logging_level=level,

@@ -37,6 +37,8 @@ def test_sigint_mid_run_then_rerun_is_exactly_once(checkpoint, tmp_path):
         "TOWERFLOW_FAULT_DIR": str(tmp_path),
     }
     env.pop("PREFECT_API_URL", None)  # the child starts its own temporary API, as a user's shell would
+    env.pop("RAY_AUTH_MODE", None)  # as a user's shell: Ray turns token auth on, writing ~/.ray/auth_token
+    env["HOME"] = str(tmp_path / "home")
     # a shell starts a background job (`make test &`) with SIGINT ignored, and an ignored signal stays
     # ignored across exec: the child gets the disposition of a foreground command, whose Ctrl-C counts
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -69,8 +71,10 @@ def test_sigint_mid_run_then_rerun_is_exactly_once(checkpoint, tmp_path):
         pytest.fail(f"embed did not stop within 120 s of SIGINT:\n{out[-3000:]}")
     assert proc.returncode == 130, out[-3000:]  # the CLI's "interrupted" exit
     # --quiet holds under `python -m flows.embed` too (prefect imported first), for Ray's and Ray Data's
-    # loggers as well ("\tINFO worker.py:... Started a local Ray instance", "\tINFO streaming_executor.py")
+    # loggers as well ("\tINFO worker.py:... Started a local Ray instance", "\tINFO streaming_executor.py"),
+    # and Ray's per-run "Token authentication is enabled for this Ray cluster" warning
     assert "| INFO" not in out and "\tINFO" not in out and "Progress bars disabled" not in out, out
+    assert "Token authentication" not in out, out
     con = duckdb.connect()
     glob = f"read_parquet('{lake}/embeddings/**/*.parquet', hive_partitioning=true)"
     partial = con.execute(f"SELECT count(*), count(DISTINCT uri) FROM {glob}").fetchone()
