@@ -7,10 +7,12 @@ batch equals the per-image forwards; batches are bounded by a token budget, not 
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
 from encoders._attention import default_packed_attention
@@ -37,8 +39,38 @@ def block_to_row_major(x: torch.Tensor, t: int, h: int, w: int, m: int) -> torch
     return x.reshape(t, h // m, w // m, m, m, d).permute(0, 1, 3, 2, 4, 5).reshape(t * h * w, d)
 
 
+def _linear_patch_embed_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    weight = self.proj.weight.view(self.proj.out_channels, -1)  # a view: the weights stay where they were
+    return F.linear(hidden_states.reshape(-1, weight.shape[1]).to(weight.dtype), weight, self.proj.bias)
+
+
+def linear_patch_embed(patch_embed: torch.nn.Module) -> bool:
+    """Run a patch embedding whose Conv3d kernel equals its stride as the one GEMM it is; same weights.
+
+    Each token is one flattened (C, T, P, P) patch, so the convolution is a matmul with the flattened
+    kernel, but oneDNN and cuDNN run it as a 3D convolution: 72 vs 19 ms for 2048 tokens of the small
+    Qwen on one CPU core (6.5% of its forward). On an H100 the convolution took 4.5% of a compiled
+    Qwen2.5-VL-7B forward (profile; the linear form is not yet measured there).
+    Returns whether it applied (a conv with padding, dilation or groups is left alone).
+    """
+    proj = getattr(patch_embed, "proj", None)
+    if not isinstance(proj, torch.nn.Conv3d) or isinstance(proj.padding, str):
+        return False
+    if tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding) or proj.groups != 1:
+        return False
+    if any(d != 1 for d in proj.dilation):
+        return False
+    patch_embed.forward = types.MethodType(_linear_patch_embed_forward, patch_embed)
+    return True
+
+
 class PackedTowerEncoder(TowerEncoder):
     """Shared forward for towers taking (pixel_values (seq, C*T*P*P), grid_thw) and merging m x m tokens."""
+
+    def __init__(self, model: torch.nn.Module | None, processor: Any, **kwargs: Any):
+        super().__init__(model, processor, **kwargs)
+        if self.model is not None:
+            linear_patch_embed(self.model.patch_embed)
 
     @classmethod
     def processor_overrides(

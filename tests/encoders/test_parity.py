@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
 import encoders
+from encoders import _packed
 
 TOL = 1e-4
 
@@ -126,3 +127,26 @@ def test_qwen3_deepstack_matches_reference(checkpoint, images):
             ref = model(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).deepstack_features
         assert out.extras["deepstack"][i].shape == (len(ref), *ref[0].shape)
         np.testing.assert_allclose(out.extras["deepstack"][i], torch.stack(ref).numpy(), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_patch_embedding_runs_as_a_linear_layer_with_the_conv_weights(name, checkpoint):
+    """The tower's Conv3d patch embedding (kernel == stride) runs as F.linear: same outputs, same weights."""
+    enc = encoders.load(name, weights=checkpoint(name), dtype="fp32")
+    embed = enc.model.patch_embed
+    assert embed.forward.__func__ is _packed._linear_patch_embed_forward  # applied by the encoder
+    cols = embed.proj.weight[0].numel()
+    x = torch.randn(300, cols, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        conv = type(embed).forward(embed, x)  # transformers' own Conv3d path
+        torch.testing.assert_close(embed(x), conv, atol=1e-5, rtol=1e-5)
+    assert enc.model.state_dict().keys() == type(enc.model)(enc.config).state_dict().keys()
+
+
+def test_a_patch_conv_that_is_not_one_gemm_is_left_alone():
+    padded = torch.nn.Module()
+    padded.proj = torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 4, 4), padding=(0, 1, 1))
+    overlapping = torch.nn.Module()
+    overlapping.proj = torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 2, 2))
+    assert not _packed.linear_patch_embed(padded) and not _packed.linear_patch_embed(overlapping)
+    assert "forward" not in vars(padded) and "forward" not in vars(overlapping)
