@@ -54,11 +54,11 @@ def linear_patch_embed(patch_embed: torch.nn.Module) -> bool:
     Returns whether it applied (a conv with padding, dilation or groups is left alone).
     """
     proj = getattr(patch_embed, "proj", None)
-    if not isinstance(proj, torch.nn.Conv3d) or isinstance(proj.padding, str):
-        return False
-    if tuple(proj.kernel_size) != tuple(proj.stride) or any(proj.padding) or proj.groups != 1:
-        return False
-    if any(d != 1 for d in proj.dilation):
+    one_gemm = (
+        isinstance(proj, torch.nn.Conv3d) and tuple(proj.kernel_size) == tuple(proj.stride)
+        and proj.padding in ((0, 0, 0), "valid") and proj.dilation == (1, 1, 1) and proj.groups == 1
+    )  # fmt: skip
+    if not one_gemm:
         return False
     patch_embed.forward = types.MethodType(_linear_patch_embed_forward, patch_embed)
     return True

@@ -306,7 +306,7 @@ def _read(path, storage_options: dict | None) -> bytes:
     try:
         return read_bytes(os.fspath(path), storage_options)
     except FileNotFoundError as e:
-        # fsspec reports the protocol-stripped path; name what the caller passed.
+        # name what the caller passed, as an image
         raise FileNotFoundError(errno.ENOENT, "No such image file", str(path)) from e
     except Exception as e:  # permissions, directories, network: the file could not be read
         raise ImageDecodeError("read_failed", f"{path}: {type(e).__name__}: {e}") from e
