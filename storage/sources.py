@@ -91,8 +91,9 @@ def source_filesystem(
     protocol = fsspec.core.split_protocol(source)[0]
     if protocol in (None, "file", "local"):
         return LocalFileSystem(), LocalFileSystem._strip_protocol(source)
-    fs = fsspec.filesystem(protocol, **with_client_retries(source, storage_options))
-    return fs, fs._strip_protocol(source)
+    cls = fsspec.get_filesystem_class(protocol)  # what the URL itself says (a host, ?versionId=) first
+    options = {**cls._get_kwargs_from_urls(source), **with_client_retries(source, storage_options)}
+    return fsspec.filesystem(protocol, **options), cls._strip_protocol(source)
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:

@@ -62,7 +62,7 @@ def commit_groups(
 
     A slow tower (a shard every few seconds) commits each shard as it arrives, as before; a fast one
     (dozens of shards a second) pays a commit's fixed cost once a second instead of once a shard.
-    An interrupt (Ctrl-C) while waiting for the next shard commits the waiting ones, then goes on.
+    An interrupt (Ctrl-C) while waiting for the next shard yields the waiting ones, then re-raises.
     """
     pending: list[ShardResult] = []
     last = float("-inf")

@@ -23,6 +23,7 @@ from storage.sources import (
     list_source,
     read_bytes,
     sniff_image_format,
+    source_filesystem,
 )
 
 MTIME = datetime(2026, 11, 26, 14, 0, 0, 123456, tzinfo=timezone.utc)
@@ -341,6 +342,14 @@ def test_s3_key_with_double_colon(s3):
     got = list(list_source(f"s3://{bucket}/c", SourceConfig(storage_options=options)))
     assert [i.uri for i in got] == [f"s3://{bucket}/c/user::7/x::y.jpg"]
     assert read_bytes(got[0].uri, options) == b"s3colon"
+
+
+def test_what_the_url_says_reaches_the_filesystem(s3):
+    """A URL's own options (s3fs: ?versionId= means a version-aware client) are kept beside the user's."""
+    bucket, options = s3
+    fs, path = source_filesystem(f"s3://{bucket}/k.jpg?versionId=abc", options)
+    assert fs.version_aware and path == f"{bucket}/k.jpg?versionId=abc"
+    assert not source_filesystem(f"s3://{bucket}/k.jpg", options)[0].version_aware
 
 
 def test_s3_txt_manifest_lists_s3_objects(s3_tree):
